@@ -1,0 +1,239 @@
+// Package httpapi is agentry's HTTP adapter: a Gin engine carrying a Huma API
+// that generates the OpenAPI 3.1 document from the registered operations.
+// routes.go lists the whole surface; every error answer is an RFC 9457
+// problem built in problem.go; middleware.go holds what runs around every
+// request.
+package httpapi
+
+import (
+	"context"
+	"embed"
+	"encoding/json"
+	"io/fs"
+	"log/slog"
+	"net/http"
+	"strconv"
+	"sync"
+	"time"
+
+	"github.com/danielgtaylor/huma/v2"
+	"github.com/danielgtaylor/huma/v2/adapters/humagin"
+	"github.com/gin-gonic/gin"
+
+	"github.com/agentry/agentry/internal/metrics"
+	"github.com/agentry/agentry/internal/platform"
+)
+
+//go:embed docsui
+var docsFS embed.FS
+
+// ReadyCheck is a dependency /readyz checks: Postgres, Redis.
+type ReadyCheck struct {
+	Name  string
+	Check func(context.Context) error
+}
+
+// Options configure a Server.
+type Options struct {
+	Logger       *slog.Logger
+	Metrics      *metrics.Registry
+	Version      string
+	MaxBodyBytes int64
+	Ready        []ReadyCheck
+	// TrustedProxies are the CIDRs whose X-Forwarded-For is believed.
+	TrustedProxies []string
+}
+
+// Server is the API's HTTP handler. Build it with New, register resources on
+// API (routes.go does), then serve it.
+type Server struct {
+	API    huma.API
+	engine *gin.Engine
+	opts   Options
+	http   *metrics.HTTP
+
+	specOnce sync.Once
+	spec     []byte
+	specErr  error
+}
+
+var ginMode sync.Once
+
+// New returns a Server with the platform routes (health, readiness, metrics,
+// the OpenAPI document and its browsable docs) and the middleware every
+// request passes through. Callers add their operations to s.API.
+func New(opts Options) *Server {
+	ginMode.Do(func() { gin.SetMode(gin.ReleaseMode) })
+	useProblems()
+	if opts.MaxBodyBytes <= 0 {
+		opts.MaxBodyBytes = 1 << 20
+	}
+	engine := gin.New()
+	engine.HandleMethodNotAllowed = true
+	engine.RedirectTrailingSlash = false
+	engine.RedirectFixedPath = false
+	engine.ContextWithFallback = true
+	if err := engine.SetTrustedProxies(opts.TrustedProxies); err != nil {
+		opts.Logger.Warn("ignoring invalid trusted_proxies", "err", err)
+		_ = engine.SetTrustedProxies(nil)
+	}
+	s := &Server{engine: engine, opts: opts}
+	if opts.Metrics != nil {
+		s.http = metrics.NewHTTP(opts.Metrics)
+	}
+	engine.Use(requestContext(opts.Logger), s.instrument(), accessLog(), recoverPanics(), securityHeaders(), limitBody(opts.MaxBodyBytes))
+	engine.NoRoute(func(c *gin.Context) {
+		writeProblem(c, platform.Errorf(platform.ENOTFOUND, "no route for %s %s", c.Request.Method, c.Request.URL.Path))
+	})
+	engine.NoMethod(func(c *gin.Context) {
+		writeProblem(c, platform.Errorf(platform.ENOTALLOWED, "%s is not allowed on %s", c.Request.Method, c.Request.URL.Path))
+	})
+
+	cfg := huma.DefaultConfig("agentry API", opts.Version)
+	cfg.OpenAPIPath, cfg.DocsPath, cfg.SchemasPath = "", "", ""
+	cfg.Transformers = nil
+	cfg.CreateHooks = nil
+	cfg.Info.Description = apiDescription
+	cfg.Components.SecuritySchemes = map[string]*huma.SecurityScheme{
+		"bearer": {Type: "http", Scheme: "bearer", BearerFormat: "JWT or API key",
+			Description: "An access token from POST /v1/auth/login, or an API key (`agk_…`)."},
+	}
+	s.API = humagin.New(engine, cfg)
+	s.platformRoutes()
+	return s
+}
+
+// ServeHTTP makes the Server an http.Handler.
+func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) { s.engine.ServeHTTP(w, r) }
+
+// Engine returns the Gin engine, for routes that are not JSON operations
+// (the WebSocket gateway). Document every such route with Document.
+func (s *Server) Engine() *gin.Engine { return s.engine }
+
+// Document adds an operation served outside Huma to the OpenAPI document.
+func (s *Server) Document(op *huma.Operation) { s.API.OpenAPI().AddOperation(op) }
+
+// MaxBodyBytes is the body limit every operation enforces.
+func (s *Server) MaxBodyBytes() int64 { return s.opts.MaxBodyBytes }
+
+// instrument counts and times every request by route template.
+func (s *Server) instrument() gin.HandlerFunc {
+	if s.http == nil {
+		return func(c *gin.Context) { c.Next() }
+	}
+	return func(c *gin.Context) {
+		start := time.Now()
+		s.http.InFlight.Inc()
+		defer s.http.InFlight.Dec()
+		c.Next()
+		route := c.FullPath()
+		if route == "" {
+			route = "unmatched"
+		}
+		s.http.Requests.WithLabelValues(c.Request.Method, route, strconv.Itoa(c.Writer.Status())).Inc()
+		s.http.Duration.WithLabelValues(c.Request.Method, route).Observe(time.Since(start).Seconds())
+	}
+}
+
+type healthOutput struct {
+	Body struct {
+		Status string            `json:"status" example:"ok"`
+		Checks map[string]string `json:"checks,omitempty" doc:"Each dependency and its state."`
+	}
+}
+
+func (s *Server) platformRoutes() {
+	huma.Register(s.API, huma.Operation{
+		OperationID: "healthz", Method: http.MethodGet, Path: "/healthz", Tags: []string{"Platform"},
+		Summary: "Liveness", Description: "Answers 200 while the process is alive; it checks no dependency.",
+	}, func(ctx context.Context, _ *struct{}) (*healthOutput, error) {
+		out := &healthOutput{}
+		out.Body.Status = "ok"
+		return out, nil
+	})
+
+	huma.Register(s.API, huma.Operation{
+		OperationID: "readyz", Method: http.MethodGet, Path: "/readyz", Tags: []string{"Platform"},
+		Summary: "Readiness", Description: "Answers 200 when Postgres and Redis are reachable, 503 (with the failing checks) when not.",
+		Errors: []int{http.StatusServiceUnavailable},
+	}, func(ctx context.Context, _ *struct{}) (*healthOutput, error) {
+		out := &healthOutput{}
+		out.Body.Status = "ok"
+		out.Body.Checks = map[string]string{}
+		failed := false
+		for _, check := range s.opts.Ready {
+			cctx, cancel := context.WithTimeout(ctx, 2*time.Second)
+			err := check.Check(cctx)
+			cancel()
+			if err != nil {
+				failed = true
+				out.Body.Checks[check.Name] = "unreachable"
+				loggerFrom(ctx).WarnContext(ctx, "readiness check failed", "check", check.Name, "err", err)
+				continue
+			}
+			out.Body.Checks[check.Name] = "ok"
+		}
+		if failed {
+			p := &Problem{Status: http.StatusServiceUnavailable, Code: platform.EUNAVAILABLE, Detail: "not ready: a dependency is unreachable", retryAfter: 2}
+			for name, state := range out.Body.Checks {
+				if state != "ok" {
+					p.Errors = append(p.Errors, platform.FieldError{Field: name, Message: state})
+				}
+			}
+			return nil, p
+		}
+		return out, nil
+	})
+
+	if s.opts.Metrics != nil {
+		handler := s.opts.Metrics.Handler()
+		s.engine.GET("/metrics", gin.WrapH(handler))
+		s.Document(&huma.Operation{
+			OperationID: "metrics", Method: http.MethodGet, Path: "/metrics", Tags: []string{"Platform"},
+			Summary: "Prometheus metrics", Description: "The Prometheus text exposition of this process's metrics.",
+			Responses: map[string]*huma.Response{"200": {Description: "Metrics", Content: map[string]*huma.MediaType{"text/plain": {}}}},
+		})
+	}
+
+	s.engine.GET("/openapi.json", func(c *gin.Context) {
+		s.specOnce.Do(func() { s.spec, s.specErr = json.Marshal(s.API.OpenAPI()) })
+		if s.specErr != nil {
+			writeProblem(c, s.specErr)
+			return
+		}
+		c.Data(http.StatusOK, "application/vnd.oai.openapi+json", s.spec)
+	})
+	s.Document(&huma.Operation{
+		OperationID: "openapi", Method: http.MethodGet, Path: "/openapi.json", Tags: []string{"Platform"},
+		Summary: "OpenAPI document", Description: "This document: OpenAPI 3.1, generated from the registered operations.",
+		Responses: map[string]*huma.Response{"200": {Description: "The OpenAPI document", Content: map[string]*huma.MediaType{"application/vnd.oai.openapi+json": {}}}},
+	})
+
+	ui, _ := fs.Sub(docsFS, "docsui")
+	s.engine.GET("/docs", func(c *gin.Context) { c.FileFromFS("/", http.FS(ui)) })
+	s.engine.GET("/docs/:file", func(c *gin.Context) {
+		name := c.Param("file")
+		if name == "index.html" {
+			c.Redirect(http.StatusMovedPermanently, "/docs")
+			return
+		}
+		if _, err := fs.Stat(ui, name); err != nil {
+			writeProblem(c, platform.Errorf(platform.ENOTFOUND, "no such documentation asset"))
+			return
+		}
+		c.Header("Cache-Control", "public, max-age=86400")
+		c.FileFromFS(name, http.FS(ui))
+	})
+	html := &huma.Response{Description: "HTML", Content: map[string]*huma.MediaType{"text/html": {}}}
+	s.Document(&huma.Operation{
+		OperationID: "docs", Method: http.MethodGet, Path: "/docs", Tags: []string{"Platform"},
+		Summary: "API documentation", Description: "Browsable documentation of this API (Swagger UI, served from the binary).",
+		Responses: map[string]*huma.Response{"200": html},
+	})
+	s.Document(&huma.Operation{
+		OperationID: "docsAsset", Method: http.MethodGet, Path: "/docs/{file}", Tags: []string{"Platform"},
+		Summary:    "Documentation asset", Description: "A static file of the documentation page.",
+		Parameters: []*huma.Param{{Name: "file", In: "path", Required: true, Schema: &huma.Schema{Type: "string"}}},
+		Responses:  map[string]*huma.Response{"200": {Description: "The file"}},
+	})
+}
