@@ -181,8 +181,6 @@ type resource[T, In any] struct {
 	inSchema *huma.Schema
 	sorts    map[string]*column
 	filters  map[string]filterSpec
-	// insertCols are every column but the database-defaulted ones.
-	insertCols []string
 	// updateCols are every column but the immutable ones.
 	updateCols []string
 }
@@ -212,11 +210,6 @@ func Register[T, In any](reg *Registry, res Resource[T, In]) *Handle[T] {
 		filters:  map[string]filterSpec{},
 	}
 	for _, c := range m.cols {
-		switch c.name {
-		case "created_at", "updated_at", "version":
-		default:
-			r.insertCols = append(r.insertCols, c.name)
-		}
 		switch c.name {
 		case "id", "org_id", "created_at", "updated_at", "version":
 		default:

@@ -18,12 +18,8 @@ import (
 	"github.com/agentry/agentry/internal/sqlq"
 )
 
-type idInput struct {
-	ID string `path:"id" format:"uuid" doc:"The resource id."`
-}
-
 type getInput struct {
-	idInput
+	ID          string `path:"id" format:"uuid" doc:"The resource id."`
 	IfNoneMatch string `header:"If-None-Match" doc:"Answer 304 if the resource still has this ETag."`
 }
 
@@ -32,20 +28,20 @@ type createInput[In any] struct {
 }
 
 type replaceInput[In any] struct {
-	idInput
+	ID      string `path:"id" format:"uuid" doc:"The resource id."`
 	IfMatch string `header:"If-Match" doc:"Refuse with 412 unless the resource still has this ETag."`
 	Body    In
 }
 
 type patchInput struct {
-	idInput
+	ID          string `path:"id" format:"uuid" doc:"The resource id."`
 	IfMatch     string `header:"If-Match" doc:"Refuse with 412 unless the resource still has this ETag."`
 	ContentType string `header:"Content-Type"`
 	RawBody     []byte
 }
 
 type deleteInput struct {
-	idInput
+	ID      string `path:"id" format:"uuid" doc:"The resource id."`
 	IfMatch string `header:"If-Match" doc:"Refuse with 412 unless the resource still has this ETag."`
 }
 
@@ -177,11 +173,10 @@ func (r *resource[T, In]) create(ctx context.Context, input *createInput[In]) (*
 		}
 	}
 	var args sqlq.Args
-	marks := make([]string, len(r.insertCols))
-	cols := make([]string, len(r.insertCols))
-	for i, v := range r.m.values(rv, r.insertCols) {
-		marks[i] = args.Add(v)
-		cols[i] = sqlq.Ident(r.insertCols[i])
+	var cols, marks []string
+	for _, name := range r.insertColumns(rv) {
+		cols = append(cols, sqlq.Ident(name))
+		marks = append(marks, args.Add(rv.FieldByIndex(r.m.byName[name].index).Interface()))
 	}
 	// Inserts the row; returns every column (with the database's defaults).
 	q := "INSERT INTO " + sqlq.Ident(r.Table) + " AS t (" + strings.Join(cols, ", ") + ") VALUES (" +
@@ -197,6 +192,23 @@ func (r *resource[T, In]) create(ctx context.Context, input *createInput[In]) (*
 	}
 	r.Notify(ctx, OpCreate, row)
 	return &CreatedOutput[T]{ETag: etag(b.Version), Location: r.Path + "/" + b.ID, Body: r.Render(ctx, row)}, nil
+}
+
+// insertColumns are the columns a create writes: the base columns, every
+// column the input sets, and every other column a hook set to a non-zero
+// value. The rest take the database's defaults.
+func (r *resource[T, In]) insertColumns(row reflect.Value) []string {
+	set := map[string]bool{"id": true, "org_id": true, "owner_id": true}
+	for _, name := range r.in.columns {
+		set[name] = true
+	}
+	var out []string
+	for _, c := range r.m.cols {
+		if set[c.name] || (c.name != "created_at" && c.name != "updated_at" && c.name != "version" && !row.FieldByIndex(c.index).IsZero()) {
+			out = append(out, c.name)
+		}
+	}
+	return out
 }
 
 func (r *resource[T, In]) afterWrite(ctx context.Context, tx *sqlx.Tx, op Op, row *T) error {
@@ -296,12 +308,27 @@ func (r *resource[T, In]) checkSchema(doc any) error {
 	fields := make([]platform.FieldError, 0, len(res.Errors))
 	for _, e := range res.Errors {
 		if d, ok := e.(*huma.ErrorDetail); ok {
-			fields = append(fields, platform.FieldError{Field: d.Location, Message: d.Message})
+			fields = append(fields, FieldError(d))
 		} else {
 			fields = append(fields, platform.FieldError{Field: "body", Message: e.Error()})
 		}
 	}
 	return platform.Invalid("validation failed", fields...)
+}
+
+// FieldError turns a Huma validation detail into a platform field error,
+// naming a missing property itself rather than the object lacking it.
+func FieldError(d *huma.ErrorDetail) platform.FieldError {
+	field, message := d.Location, d.Message
+	if name, ok := strings.CutPrefix(message, "expected required property "); ok {
+		if name, ok = strings.CutSuffix(name, " to be present"); ok {
+			field += "." + name
+		}
+	}
+	if strings.HasPrefix(message, "invalid character") || strings.HasPrefix(message, "unexpected end of JSON") || strings.HasPrefix(message, "json: ") {
+		message = "malformed JSON: " + message
+	}
+	return platform.FieldError{Field: field, Message: message}
 }
 
 // normalizeNumbers turns json.Number into float64, the number type Huma's

@@ -6,12 +6,12 @@ import (
 	"log/slog"
 	"net/http"
 	"strconv"
-	"strings"
 	"sync"
 
 	"github.com/danielgtaylor/huma/v2"
 	"github.com/gin-gonic/gin"
 
+	"github.com/agentry/agentry/internal/crud"
 	"github.com/agentry/agentry/internal/platform"
 )
 
@@ -96,8 +96,11 @@ func problemFor(ctx context.Context, path string, err error) *Problem {
 			status = http.StatusInternalServerError
 		}
 		p = &Problem{Status: status, Code: perr.Code, Detail: perr.Message, Errors: perr.Fields, retryAfter: perr.RetryAfter}
-		if status >= 500 {
+		switch {
+		case status >= 500:
 			loggerFrom(ctx).ErrorContext(ctx, "request failed", "err", err)
+		case perr.Err != nil:
+			loggerFrom(ctx).InfoContext(ctx, "request refused", "code", perr.Code, "err", err)
 		}
 	case unavailable(err) || errors.Is(err, context.DeadlineExceeded):
 		loggerFrom(ctx).WarnContext(ctx, "dependency unavailable", "err", err)
@@ -168,12 +171,7 @@ func humaProblem(ctx context.Context, path string, status int, msg string, errs 
 		}
 		var d *huma.ErrorDetail
 		if errors.As(err, &d) {
-			field := d.Location
-			message := d.Message
-			if strings.HasPrefix(message, "invalid character") || strings.HasPrefix(message, "unexpected end of JSON") || strings.HasPrefix(message, "json: ") {
-				message = "malformed JSON: " + message
-			}
-			p.Errors = append(p.Errors, platform.FieldError{Field: field, Message: message})
+			p.Errors = append(p.Errors, crud.FieldError(d))
 			continue
 		}
 		p.Errors = append(p.Errors, platform.FieldError{Message: err.Error()})
