@@ -420,7 +420,9 @@ func (s Settings) String() string {
 }
 
 // GoString keeps %#v from printing secrets.
-func (s Settings) GoString() string { return "config.Settings{" + strings.ReplaceAll(strings.TrimSpace(s.String()), "\n", ", ") + "}" }
+func (s Settings) GoString() string {
+	return "config.Settings{" + strings.ReplaceAll(strings.TrimSpace(s.String()), "\n", ", ") + "}"
+}
 
 func redactURL(raw string) string {
 	u, err := url.Parse(raw)

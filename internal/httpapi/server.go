@@ -232,7 +232,7 @@ func (s *Server) platformRoutes() {
 	})
 	s.Document(&huma.Operation{
 		OperationID: "docsAsset", Method: http.MethodGet, Path: "/docs/{file}", Tags: []string{"Platform"},
-		Summary:    "Documentation asset", Description: "A static file of the documentation page.",
+		Summary: "Documentation asset", Description: "A static file of the documentation page.",
 		Parameters: []*huma.Param{{Name: "file", In: "path", Required: true, Schema: &huma.Schema{Type: "string"}}},
 		Responses:  map[string]*huma.Response{"200": {Description: "The file"}},
 	})
