@@ -203,16 +203,16 @@ tolerations: {{- toYaml . | nindent 2 }}
 {{- with .values.affinity }}
 affinity: {{- toYaml . | nindent 2 }}
 {{- end }}
-{{- if .values.topologySpreadConstraints }}
-{{- $selector := dict "matchLabels" (include "agentry.selectorLabels" . | fromYaml) }}
+{{- with get .values "topologySpreadConstraints" }}
+{{- $selector := dict "matchLabels" (include "agentry.selectorLabels" $ | fromYaml) }}
 topologySpreadConstraints:
-{{- range .values.topologySpreadConstraints }}
+{{- range . }}
 {{- $constraint := deepCopy . }}
 {{- if not (hasKey $constraint "labelSelector") }}
 {{- $_ := set $constraint "labelSelector" $selector }}
 {{- $_ := set $constraint "matchLabelKeys" (list "pod-template-hash") }}
 {{- end }}
-  - {{- toYaml $constraint | nindent 4 }}
+  - {{ toYaml $constraint | indent 4 | trim }}
 {{- end }}
 {{- end }}
 {{- end }}
@@ -263,7 +263,7 @@ spec:
       annotations:
         checksum/config: {{ include "agentry.configData" $root | sha256sum }}
         {{- if not $root.Values.existingSecret }}
-        checksum/secret: {{ include "agentry.secretData" (dict "root" $root) | sha256sum }}
+        checksum/secret: {{ include "agentry.secretData" (dict "root" $root "seedAdmin" false) | sha256sum }}
         {{- end }}
         {{- with merge (deepCopy ($v.podAnnotations | default dict)) ($root.Values.podAnnotations | default dict) }}
         {{- toYaml . | nindent 8 }}
@@ -279,7 +279,9 @@ spec:
       securityContext:
         {{- toYaml $root.Values.podSecurityContext | nindent 8 }}
       terminationGracePeriodSeconds: {{ include "agentry.terminationGracePeriodSeconds" (dict "root" $root "preStopSleepSeconds" .preStopSleepSeconds) }}
-      {{- include "agentry.podSchedulingFields" (dict "root" $root "component" .component "values" $v) | nindent 6 }}
+      {{- with include "agentry.podSchedulingFields" (dict "root" $root "component" .component "values" $v) | trim }}
+      {{- . | nindent 6 }}
+      {{- end }}
       containers:
         - name: {{ .component }}
           image: {{ include "agentry.image" $root }}
