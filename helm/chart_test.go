@@ -40,18 +40,18 @@ var kubeVersion = chartutil.KubeVersion{Version: "v1.33.0", Major: "1", Minor: "
 // kinds maps the apiVersion/kind of every object the chart may render to
 // the Go type it must decode into strictly.
 var kinds = map[string]func() any{
-	"v1/ConfigMap":                             func() any { return new(corev1.ConfigMap) },
-	"v1/Secret":                                func() any { return new(corev1.Secret) },
-	"v1/Service":                               func() any { return new(corev1.Service) },
-	"v1/ServiceAccount":                        func() any { return new(corev1.ServiceAccount) },
-	"apps/v1/Deployment":                       func() any { return new(appsv1.Deployment) },
-	"batch/v1/Job":                             func() any { return new(batchv1.Job) },
-	"policy/v1/PodDisruptionBudget":            func() any { return new(policyv1.PodDisruptionBudget) },
-	"autoscaling/v2/HorizontalPodAutoscaler":   func() any { return new(autoscalingv2.HorizontalPodAutoscaler) },
-	"networking.k8s.io/v1/Ingress":             func() any { return new(networkingv1.Ingress) },
-	"keda.sh/v1alpha1/ScaledObject":            func() any { return new(ScaledObject) },
-	"monitoring.coreos.com/v1/ServiceMonitor":  func() any { return new(ServiceMonitor) },
-	"monitoring.coreos.com/v1/PrometheusRule":  func() any { return new(PrometheusRule) },
+	"v1/ConfigMap":                            func() any { return new(corev1.ConfigMap) },
+	"v1/Secret":                               func() any { return new(corev1.Secret) },
+	"v1/Service":                              func() any { return new(corev1.Service) },
+	"v1/ServiceAccount":                       func() any { return new(corev1.ServiceAccount) },
+	"apps/v1/Deployment":                      func() any { return new(appsv1.Deployment) },
+	"batch/v1/Job":                            func() any { return new(batchv1.Job) },
+	"policy/v1/PodDisruptionBudget":           func() any { return new(policyv1.PodDisruptionBudget) },
+	"autoscaling/v2/HorizontalPodAutoscaler":  func() any { return new(autoscalingv2.HorizontalPodAutoscaler) },
+	"networking.k8s.io/v1/Ingress":            func() any { return new(networkingv1.Ingress) },
+	"keda.sh/v1alpha1/ScaledObject":           func() any { return new(ScaledObject) },
+	"monitoring.coreos.com/v1/ServiceMonitor": func() any { return new(ServiceMonitor) },
+	"monitoring.coreos.com/v1/PrometheusRule": func() any { return new(PrometheusRule) },
 }
 
 // renderCase is one set of values the chart must render.

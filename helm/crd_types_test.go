@@ -21,16 +21,16 @@ type ScaledObject struct {
 
 // ScaledObjectSpec mirrors KEDA's ScaledObjectSpec.
 type ScaledObjectSpec struct {
-	ScaleTargetRef        ScaleTarget     `json:"scaleTargetRef"`
-	PollingInterval       *int32          `json:"pollingInterval,omitempty"`
-	InitialCooldownPeriod *int32          `json:"initialCooldownPeriod,omitempty"`
-	CooldownPeriod        *int32          `json:"cooldownPeriod,omitempty"`
-	IdleReplicaCount      *int32          `json:"idleReplicaCount,omitempty"`
-	MinReplicaCount       *int32          `json:"minReplicaCount,omitempty"`
-	MaxReplicaCount       *int32          `json:"maxReplicaCount,omitempty"`
-	Advanced              *KEDAAdvanced   `json:"advanced,omitempty"`
-	Triggers              []ScaleTrigger  `json:"triggers"`
-	Fallback              *KEDAFallback   `json:"fallback,omitempty"`
+	ScaleTargetRef        ScaleTarget    `json:"scaleTargetRef"`
+	PollingInterval       *int32         `json:"pollingInterval,omitempty"`
+	InitialCooldownPeriod *int32         `json:"initialCooldownPeriod,omitempty"`
+	CooldownPeriod        *int32         `json:"cooldownPeriod,omitempty"`
+	IdleReplicaCount      *int32         `json:"idleReplicaCount,omitempty"`
+	MinReplicaCount       *int32         `json:"minReplicaCount,omitempty"`
+	MaxReplicaCount       *int32         `json:"maxReplicaCount,omitempty"`
+	Advanced              *KEDAAdvanced  `json:"advanced,omitempty"`
+	Triggers              []ScaleTrigger `json:"triggers"`
+	Fallback              *KEDAFallback  `json:"fallback,omitempty"`
 }
 
 // ScaleTarget mirrors KEDA's ScaleTarget.
@@ -44,7 +44,7 @@ type ScaleTarget struct {
 // KEDAAdvanced mirrors KEDA's AdvancedConfig.
 type KEDAAdvanced struct {
 	HorizontalPodAutoscalerConfig *struct {
-		Name     string                                        `json:"name,omitempty"`
+		Name     string                                         `json:"name,omitempty"`
 		Behavior *autoscalingv2.HorizontalPodAutoscalerBehavior `json:"behavior,omitempty"`
 	} `json:"horizontalPodAutoscalerConfig,omitempty"`
 	RestoreToOriginalReplicaCount bool `json:"restoreToOriginalReplicaCount,omitempty"`
@@ -52,10 +52,10 @@ type KEDAAdvanced struct {
 
 // ScaleTrigger mirrors KEDA's ScaleTriggers. Trigger metadata values are strings.
 type ScaleTrigger struct {
-	Type              string                         `json:"type"`
-	Name              string                         `json:"name,omitempty"`
-	UseCachedMetrics  bool                           `json:"useCachedMetrics,omitempty"`
-	Metadata          map[string]string              `json:"metadata"`
+	Type              string            `json:"type"`
+	Name              string            `json:"name,omitempty"`
+	UseCachedMetrics  bool              `json:"useCachedMetrics,omitempty"`
+	Metadata          map[string]string `json:"metadata"`
 	AuthenticationRef *struct {
 		Name string `json:"name"`
 		Kind string `json:"kind,omitempty"`
