@@ -260,18 +260,23 @@ func TestRender(t *testing.T) {
 }
 
 // TestRenderRejects checks that values which cannot work stop the render
-// with a message naming the value.
+// with a message naming the value: values.schema.json checks each value,
+// agentry.validate the ones that depend on each other.
 func TestRenderRejects(t *testing.T) {
 	cases := []struct{ name, values, want string }{
-		{"unknown env", `config: {env: staging}`, "config.env"},
-		{"short jwt secret", `secrets: {jwtSecret: short}`, "secrets.jwtSecret"},
-		{"secrets key not 32 bytes", `secrets: {secretsKey: c2hvcnQ=}`, "secrets.secretsKey"},
-		{"unknown autoscaling kind", `worker: {autoscaling: {enabled: true, kind: vpa}}`, "worker.autoscaling.kind"},
+		// values.schema.json
+		{"unknown env", `config: {env: staging}`, "/config/env"},
+		{"short jwt secret", `secrets: {jwtSecret: short}`, "/secrets/jwtSecret"},
+		{"secrets key not 32 bytes", `secrets: {secretsKey: c2hvcnQ=}`, "/secrets/secretsKey"},
+		{"unknown autoscaling kind", `worker: {autoscaling: {enabled: true, kind: vpa}}`, "/worker/autoscaling/kind"},
+		{"extra setting not AGENTRY_", `config: {extra: {command_timeout: 5m}}`, "command_timeout"},
+		{"no drain", `config: {shutdownTimeoutSeconds: 0}`, "/config/shutdownTimeoutSeconds"},
+		{"misspelt value", `worker: {autoscalling: {enabled: true}}`, "autoscalling"},
+		{"string for a number", `api: {replicas: "2"}`, "/api/replicas"},
+		// agentry.validate
 		{"hpa to zero", `worker: {autoscaling: {enabled: true, kind: hpa, minReplicas: 0}}`, "worker.autoscaling.minReplicas"},
 		{"api hpa without target", `api: {autoscaling: {targetCPUUtilizationPercentage: 0}}`, "api.autoscaling"},
 		{"seed without email", `migrations: {seedAdmin: true}`, "config.adminEmail"},
-		{"extra setting not AGENTRY_", `config: {extra: {command_timeout: 5m}}`, "config.extra"},
-		{"no drain", `config: {shutdownTimeoutSeconds: 0}`, "config.shutdownTimeoutSeconds"},
 	}
 	for _, c := range cases {
 		t.Run(c.name, func(t *testing.T) {

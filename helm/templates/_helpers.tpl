@@ -365,44 +365,16 @@ spec:
 {{- end }}
 
 {{/*
-agentry.validate stops the render on values that cannot work. It renders nothing.
+agentry.validate stops the render on values that cannot work together.
+values.schema.json checks each value on its own. It renders nothing.
 */}}
 {{- define "agentry.validate" -}}
 {{- $v := .Values }}
-{{- if not (has $v.config.env (list "development" "test" "production")) }}
-{{- fail (printf "config.env: %q is not one of development, test, production" $v.config.env) }}
-{{- end }}
-{{- if and $v.worker.autoscaling.enabled (not (has $v.worker.autoscaling.kind (list "keda" "hpa"))) }}
-{{- fail (printf "worker.autoscaling.kind: %q is not one of keda, hpa" $v.worker.autoscaling.kind) }}
-{{- end }}
 {{- if and $v.worker.autoscaling.enabled (eq $v.worker.autoscaling.kind "hpa") (lt (int $v.worker.autoscaling.minReplicas) 1) }}
 {{- fail "worker.autoscaling.minReplicas must be at least 1 with kind hpa; only keda scales to zero" }}
 {{- end }}
 {{- if and $v.api.autoscaling.enabled (not (or $v.api.autoscaling.targetCPUUtilizationPercentage $v.api.autoscaling.targetMemoryUtilizationPercentage)) }}
 {{- fail "api.autoscaling needs targetCPUUtilizationPercentage or targetMemoryUtilizationPercentage" }}
-{{- end }}
-{{- if le (int $v.config.shutdownTimeoutSeconds) 0 }}
-{{- fail "config.shutdownTimeoutSeconds must be greater than zero" }}
-{{- end }}
-{{- if lt (int $v.terminationGracePaddingSeconds) 1 }}
-{{- fail "terminationGracePaddingSeconds must be at least 1, so pods outlive their drain" }}
-{{- end }}
-{{- range $name, $_ := $v.config.extra }}
-{{- if not (regexMatch "^AGENTRY_[A-Z0-9_]+$" $name) }}
-{{- fail (printf "config.extra: %q is not an AGENTRY_* environment variable name" $name) }}
-{{- end }}
-{{- end }}
-{{- if not $v.existingSecret }}
-{{- with $v.secrets.jwtSecret }}
-{{- if lt (len .) 32 }}
-{{- fail "secrets.jwtSecret must be at least 32 characters" }}
-{{- end }}
-{{- end }}
-{{- with $v.secrets.secretsKey }}
-{{- if not (regexMatch "^[A-Za-z0-9+/]{43}=$" .) }}
-{{- fail "secrets.secretsKey must be the standard base64 of 32 bytes (openssl rand -base64 32)" }}
-{{- end }}
-{{- end }}
 {{- end }}
 {{- if and $v.migrations.enabled $v.migrations.seedAdmin (not $v.config.adminEmail) }}
 {{- fail "migrations.seedAdmin needs config.adminEmail" }}
