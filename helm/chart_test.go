@@ -103,6 +103,7 @@ api:
     enabled: true
     className: nginx
     hosts:
+      - paths: [{path: /}]
       - host: agentry.example.com
         paths: [{path: /, pathType: Prefix}]
       - host: api.example.com
@@ -622,10 +623,8 @@ func checkDeployments(t *testing.T, r *release) {
 		} else if grace := time.Duration(*pod.TerminationGracePeriodSeconds) * time.Second; grace <= preStop+drain {
 			t.Errorf("%s: terminationGracePeriodSeconds %v, want more than preStop %v + drain %v", id, grace, preStop, drain)
 		}
-		for _, key := range []string{"checksum/config"} {
-			if d.Spec.Template.Annotations[key] == "" {
-				t.Errorf("%s: pods lack annotation %s, so settings changes would not roll them", id, key)
-			}
+		if d.Spec.Template.Annotations["checksum/config"] == "" {
+			t.Errorf("%s: pods lack annotation checksum/config, so settings changes would not roll them", id)
 		}
 	}
 	slices.Sort(components)
@@ -709,10 +708,13 @@ func checkEnvSources(t *testing.T, r *release, where string, pod corev1.PodSpec,
 	t.Helper()
 	existingSecret, _ := r.value("existingSecret").(string)
 	extra := map[string]bool{}
-	if list, ok := r.value("extraEnvFrom").([]any); ok {
-		for _, item := range list {
-			for _, ref := range item.(map[string]any) {
-				extra[ref.(map[string]any)["name"].(string)] = true
+	list, _ := r.value("extraEnvFrom").([]any)
+	for _, item := range list {
+		source, _ := item.(map[string]any)
+		for _, ref := range source { // {configMapRef: {name: ...}}, {secretRef: ...}
+			if ref, ok := ref.(map[string]any); ok {
+				name, _ := ref["name"].(string)
+				extra[name] = true
 			}
 		}
 	}

@@ -87,7 +87,7 @@ when the Ingress is on, else empty.
 {{- if .Values.config.publicUrl }}
 {{- .Values.config.publicUrl }}
 {{- else if and .Values.api.ingress.enabled .Values.api.ingress.hosts }}
-{{- with (first .Values.api.ingress.hosts).host }}
+{{- with get (first .Values.api.ingress.hosts) "host" }}
 {{- printf "https://%s" . }}
 {{- end }}
 {{- end }}
