@@ -324,11 +324,10 @@ func TestChartKubeVersion(t *testing.T) {
 
 // object is one rendered Kubernetes object.
 type object struct {
-	source string // template file
-	kind   string
-	name   string
-	meta   metav1.Object
-	typed  any // *corev1.Service, *ScaledObject, ...
+	kind  string
+	name  string
+	meta  metav1.Object
+	typed any // *corev1.Service, *ScaledObject, ...
 }
 
 // hook reports the object's helm.sh/hook events and weight; events is empty
@@ -422,7 +421,6 @@ func render(t *testing.T, c renderCase) (*release, error) {
 				t.Errorf("%s: %v\n%s", source, err, doc)
 				continue
 			}
-			o.source = source
 			r.objects = append(r.objects, o)
 		}
 	}
