@@ -5,18 +5,31 @@
 //	api migrate up      apply pending migrations (creating the database in development)
 //	api migrate down    roll back the latest migration
 //	api migrate status  list migrations and whether each is applied
+//	api seed-admin      create the first superadmin (AGENTRY_ADMIN_EMAIL, AGENTRY_ADMIN_PASSWORD)
 //	api settings        print the effective settings, secrets redacted
 package main
 
 import (
 	"context"
+	"crypto/rand"
+	"encoding/base64"
 	"errors"
 	"fmt"
 	"io"
 	"log/slog"
 	"os"
 	"os/signal"
+	"strings"
 	"syscall"
+	"time"
+
+	"github.com/jmoiron/sqlx"
+	"github.com/redis/go-redis/v9"
+
+	"github.com/agentry/agentry/internal/access"
+	"github.com/agentry/agentry/internal/cache"
+	"github.com/agentry/agentry/internal/crud"
+	"github.com/agentry/agentry/internal/redisx"
 
 	"github.com/agentry/agentry/internal/app"
 	"github.com/agentry/agentry/internal/config"
@@ -35,7 +48,7 @@ func main() {
 	}
 }
 
-const usage = `usage: api [serve | migrate up|down|status | settings]`
+const usage = `usage: api [serve | migrate up|down|status | seed-admin | settings]`
 
 func run(ctx context.Context, args []string, getenv func(string) string, stdout, stderr io.Writer) error {
 	settings, err := config.Load(getenv)
@@ -55,6 +68,8 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 			return errors.New(usage)
 		}
 		return migrate(ctx, settings, args[2], stdout)
+	case "seed-admin":
+		return seedAdmin(ctx, settings, stdout, logger)
 	case "settings":
 		_, err := io.WriteString(stdout, settings.String())
 		return err
@@ -94,12 +109,101 @@ func migrate(ctx context.Context, s config.Settings, direction string, stdout io
 	}
 }
 
-func serve(ctx context.Context, s config.Settings, stdout io.Writer, logger *slog.Logger) error {
+// services are what the API is built from.
+type services struct {
+	db       *sqlx.DB
+	rdb      *redis.Client
+	bus      *cache.Bus
+	identity *postgres.IdentityStore
+	audit    *access.Audit
+	authn    *access.Authenticator
+	accounts *access.Service
+}
+
+func wire(ctx context.Context, s config.Settings, logger *slog.Logger) (*services, func(), error) {
 	db, err := app.Postgres(ctx, s)
+	if err != nil {
+		return nil, nil, err
+	}
+	rdb, err := app.Redis(ctx, s)
+	if err != nil {
+		db.Close()
+		return nil, nil, err
+	}
+	bus := cache.NewBus(rdb, s.RedisPrefix, logger)
+	identity := &postgres.IdentityStore{DB: db}
+	audit := &access.Audit{Store: identity, Logger: logger}
+	tokens := access.NewTokens(s.JWTSecret, s.JWTIssuer, s.JWTAudience, s.AccessTokenTTL)
+	authn := access.NewAuthenticator(tokens, identity, 10*time.Second)
+	bus.Handle(authn.Invalidate)
+	accounts := &access.Service{
+		Accounts:    identity,
+		Passwords:   access.NewPasswords(access.DefaultPasswordParams),
+		Tokens:      tokens,
+		Throttle:    redisx.NewThrottle(rdb, s.RedisPrefix),
+		Audit:       audit,
+		RefreshTTL:  s.RefreshTokenTTL,
+		MaxFailures: s.LoginMaxFailures,
+		Window:      s.LoginFailureWindow,
+		Invalidate:  bus.Publish,
+	}
+	closeAll := func() {
+		bus.Stop()
+		rdb.Close()
+		db.Close()
+	}
+	return &services{db: db, rdb: rdb, bus: bus, identity: identity, audit: audit, authn: authn, accounts: accounts}, closeAll, nil
+}
+
+// adminFile keeps a generated development admin password, so that `make
+// run` can show it again. Never written outside development.
+const adminFile = ".agentry-admin"
+
+func seedAdmin(ctx context.Context, s config.Settings, stdout io.Writer, logger *slog.Logger) error {
+	svc, closeAll, err := wire(ctx, s, logger)
 	if err != nil {
 		return err
 	}
-	defer db.Close()
+	defer closeAll()
+	password := s.AdminPassword
+	generated := false
+	if password == "" {
+		if s.Env == config.Production {
+			return errors.New("set AGENTRY_ADMIN_PASSWORD to seed the first superadmin in production")
+		}
+		var b [12]byte
+		_, _ = rand.Read(b[:])
+		password, generated = base64.RawURLEncoding.EncodeToString(b[:]), true
+	}
+	u, created, err := svc.accounts.SeedAdmin(ctx, s.AdminEmail, password)
+	if err != nil {
+		return err
+	}
+	switch {
+	case created && generated:
+		_ = os.WriteFile(adminFile, []byte(s.AdminEmail+" "+password+"\n"), 0o600)
+		fmt.Fprintf(stdout, "created superadmin %s with password %s (change it with POST /v1/users/me/password)\n", u.Email, password)
+	case created:
+		fmt.Fprintf(stdout, "created superadmin %s with the password of AGENTRY_ADMIN_PASSWORD\n", u.Email)
+	default:
+		if data, err := os.ReadFile(adminFile); err == nil && s.Env == config.Development {
+			if email, pw, ok := strings.Cut(strings.TrimSpace(string(data)), " "); ok {
+				fmt.Fprintf(stdout, "superadmin: %s, password %s (generated at first run; from %s)\n", email, pw, adminFile)
+				return nil
+			}
+		}
+		fmt.Fprintln(stdout, "a superadmin already exists; nothing to do")
+	}
+	return nil
+}
+
+func serve(ctx context.Context, s config.Settings, stdout io.Writer, logger *slog.Logger) error {
+	svc, closeAll, err := wire(ctx, s, logger)
+	if err != nil {
+		return err
+	}
+	defer closeAll()
+	db := svc.db
 	m, err := postgres.NewMigrator(db.DB, false)
 	if err != nil {
 		return err
@@ -109,11 +213,9 @@ func serve(ctx context.Context, s config.Settings, stdout io.Writer, logger *slo
 	} else if pending {
 		return errors.New("the database schema is behind this binary; run `api migrate up` first")
 	}
-	rdb, err := app.Redis(ctx, s)
-	if err != nil {
-		return err
+	if err := svc.bus.Start(ctx); err != nil {
+		return fmt.Errorf("cache bus: %w", err)
 	}
-	defer rdb.Close()
 
 	reg := metrics.New("api", app.Version)
 	reg.RegisterDB(db.DB)
@@ -124,12 +226,24 @@ func serve(ctx context.Context, s config.Settings, stdout io.Writer, logger *slo
 		Version:        app.Version,
 		MaxBodyBytes:   s.MaxBodyBytes,
 		TrustedProxies: s.TrustedProxies,
+		Authenticator:  svc.authn,
 		Ready: []httpapi.ReadyCheck{
 			{Name: "postgres", Check: db.PingContext},
-			{Name: "redis", Check: func(ctx context.Context) error { return rdb.Ping(ctx).Err() }},
+			{Name: "redis", Check: func(ctx context.Context) error { return svc.rdb.Ping(ctx).Err() }},
 		},
 	})
-	srv.Routes(httpapi.Deps{})
+	guard := &access.Guard{DB: db, Audit: svc.audit}
+	registry := &crud.Registry{API: srv.API, DB: db, Guard: guard, ACL: &access.ACL{DB: db, Audit: svc.audit}, MaxBodyBytes: s.MaxBodyBytes}
+	srv.Routes(httpapi.Deps{
+		DB:       db,
+		Registry: registry,
+		Accounts: svc.accounts,
+		Identity: svc.identity,
+		Keys:     svc.identity,
+		Guard:    guard,
+		ACL:      registry.ACL.(*access.ACL),
+		Audit:    svc.audit,
+	})
 	logger.Info("starting", "settings", s)
 	return app.Serve(ctx, logger, stdout, "api", s.HTTPAddr, srv, s.ShutdownTimeout, nil)
 }

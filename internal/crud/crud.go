@@ -18,7 +18,6 @@ import (
 	"net/http"
 	"reflect"
 	"strings"
-	"time"
 
 	"github.com/danielgtaylor/huma/v2"
 	"github.com/jmoiron/sqlx"
@@ -28,23 +27,9 @@ import (
 )
 
 // Base is embedded by every model: the columns every resource row has.
-type Base struct {
-	ID        string    `db:"id" json:"id" format:"uuid" doc:"Immutable identifier."`
-	OrgID     string    `db:"org_id" json:"org_id" format:"uuid" doc:"The organization (tenant) the resource belongs to."`
-	OwnerID   string    `db:"owner_id" json:"owner_id" format:"uuid" doc:"The entity that owns the resource."`
-	CreatedAt time.Time `db:"created_at" json:"created_at"`
-	UpdatedAt time.Time `db:"updated_at" json:"updated_at"`
-	Version   int64     `db:"version" json:"version" doc:"Incremented by every change; the ETag carries it."`
-}
+type Base = platform.Base
 
-func (b *Base) base() *Base { return b }
-
-type hasBase interface{ base() *Base }
-
-// Ref returns what an access decision needs to know of the row.
-func (b *Base) Ref(typ string) platform.ResourceRef {
-	return platform.ResourceRef{Type: typ, ID: b.ID, OrgID: b.OrgID, OwnerID: b.OwnerID}
-}
+type hasBase interface{ Meta() *platform.Base }
 
 // Op is a set of operations.
 type Op uint8
@@ -58,7 +43,8 @@ const (
 	OpDelete                 // DELETE /v1/{plural}/{id}
 	OpList                   // GET    /v1/{plural}
 	OpClear                  // DELETE /v1/{plural}
-	AllOps    = OpCreate | OpRead | OpReplace | OpUpdate | OpDelete | OpList | OpClear
+	OpACL                    // GET, POST /v1/{plural}/{id}/acl and DELETE /v1/{plural}/{id}/acl/{entry_id}
+	AllOps    = OpCreate | OpRead | OpReplace | OpUpdate | OpDelete | OpList | OpClear | OpACL
 )
 
 // Actions the framework asks the Guard about.
@@ -90,6 +76,14 @@ type Guard interface {
 	Forget(ctx context.Context, tx *sqlx.Tx, ref platform.ResourceRef) error
 }
 
+// ACLManager lists and edits the ACL of one resource; the access package
+// implements it, deciding who may.
+type ACLManager interface {
+	List(ctx context.Context, p *platform.Principal, s platform.Scope, ref *platform.ResourceRef) ([]platform.ACLEntry, error)
+	Grant(ctx context.Context, p *platform.Principal, s platform.Scope, ref *platform.ResourceRef, g platform.ACLGrant) (*platform.ACLEntry, error)
+	Revoke(ctx context.Context, p *platform.Principal, s platform.Scope, ref *platform.ResourceRef, entryID string) error
+}
+
 // Change describes a committed write, for observers (events, cache, audit).
 type Change struct {
 	Op    Op
@@ -105,8 +99,34 @@ type Registry struct {
 	API          huma.API
 	DB           *sqlx.DB
 	Guard        Guard
+	// ACL, when set, gives every resource with OpACL its ACL routes.
+	ACL          ACLManager
 	MaxBodyBytes int64
 	observers    []func(context.Context, Change)
+	scopes       map[string]platform.Scope
+}
+
+// Scope returns the scope of a registered resource type.
+func (r *Registry) Scope(typ string) (platform.Scope, bool) {
+	s, ok := r.scopes[typ]
+	return s, ok
+}
+
+// Scopes returns every registered resource type's scope.
+func (r *Registry) Scopes() []platform.Scope {
+	out := make([]platform.Scope, 0, len(r.scopes))
+	for _, s := range r.scopes {
+		out = append(out, s)
+	}
+	return out
+}
+
+// AddScope registers the scope of a resource type served by custom routes.
+func (r *Registry) AddScope(s platform.Scope) {
+	if r.scopes == nil {
+		r.scopes = map[string]platform.Scope{}
+	}
+	r.scopes[s.Type] = s
 }
 
 // Observe adds fn to the functions called after every committed write of
@@ -234,6 +254,7 @@ func Register[T, In any](reg *Registry, res Resource[T, In]) *Handle[T] {
 		r.filters[f.Param] = r.filterSpec(f)
 	}
 	r.inSchema = reg.API.OpenAPI().Components.Schemas.Schema(reflect.TypeFor[In](), true, "")
+	reg.AddScope(res.Scope)
 	r.register()
 	return &r.Handle
 }
@@ -296,7 +317,7 @@ func (h *Handle[T]) load(ctx context.Context, q queryer, p *platform.Principal, 
 	if err := q.QueryRowContext(ctx, stmt, args...).Scan(dest...); err != nil {
 		return nil, sqlq.MapError(err, h.notFound())
 	}
-	ref := any(row).(hasBase).base().Ref(h.scope.Type)
+	ref := any(row).(hasBase).Meta().Ref(h.scope.Type)
 	if err := h.reg.Guard.Decide(ctx, p, h.scope, ActionRead, &ref, entries); err != nil {
 		return nil, err
 	}
@@ -342,7 +363,7 @@ func (h *Handle[T]) Render(ctx context.Context, row *T) *T {
 
 // Notify tells the registry's observers about a write a custom route made.
 func (h *Handle[T]) Notify(ctx context.Context, op Op, row *T) {
-	h.reg.notify(ctx, Change{Op: op, Scope: h.scope, Ref: any(row).(hasBase).base().Ref(h.scope.Type), Row: row})
+	h.reg.notify(ctx, Change{Op: op, Scope: h.scope, Ref: any(row).(hasBase).Meta().Ref(h.scope.Type), Row: row})
 }
 
 // AccessScope returns the resource's access scope.

@@ -121,6 +121,9 @@ func (r *resource[T, In]) register() {
 		huma.Register(api, op, r.list)
 		r.documentSort(op.OperationID)
 	}
+	if r.Ops&OpACL != 0 && r.reg.ACL != nil {
+		r.registerACL(item)
+	}
 	if r.Ops&OpClear != 0 {
 		op := r.operation(http.MethodDelete, r.Path, "clear-"+many, "Delete all "+many,
 			"Deletes every "+one+" of the caller's organization the caller may delete. Organization admins only.",
@@ -159,7 +162,7 @@ func (r *resource[T, In]) create(ctx context.Context, input *createInput[In]) (*
 	row := new(T)
 	rv := reflect.ValueOf(row).Elem()
 	r.in.toRow(reflect.ValueOf(&input.Body).Elem(), rv)
-	b := any(row).(hasBase).base()
+	b := any(row).(hasBase).Meta()
 	b.ID, b.OrgID, b.OwnerID = uuid.NewString(), p.OrgID, p.ID
 
 	tx, err := r.begin(ctx)
@@ -223,7 +226,7 @@ func (r *resource[T, In]) get(ctx context.Context, input *getInput) (*ItemOutput
 	if err != nil {
 		return nil, err
 	}
-	version := any(row).(hasBase).base().Version
+	version := any(row).(hasBase).Meta().Version
 	if input.IfNoneMatch != "" && matchETag(input.IfNoneMatch, version) {
 		return nil, huma.Status304NotModified()
 	}
@@ -366,7 +369,7 @@ func (r *resource[T, In]) write(ctx context.Context, id, ifMatch string, next fu
 	if err != nil {
 		return nil, err
 	}
-	oldBase := any(old).(hasBase).base()
+	oldBase := any(old).(hasBase).Meta()
 	if ifMatch != "" && !matchETag(ifMatch, oldBase.Version) {
 		return nil, preconditionFailed(oldBase.Version)
 	}
@@ -401,7 +404,7 @@ func (r *resource[T, In]) write(ctx context.Context, id, ifMatch string, next fu
 		return nil, err
 	}
 	r.Notify(ctx, OpUpdate, row)
-	return &ItemOutput[T]{ETag: etag(any(row).(hasBase).base().Version), Body: r.Render(ctx, row)}, nil
+	return &ItemOutput[T]{ETag: etag(any(row).(hasBase).Meta().Version), Body: r.Render(ctx, row)}, nil
 }
 
 func (r *resource[T, In]) delete(ctx context.Context, input *deleteInput) (*struct{}, error) {
@@ -414,7 +417,7 @@ func (r *resource[T, In]) delete(ctx context.Context, input *deleteInput) (*stru
 	if err != nil {
 		return nil, err
 	}
-	b := any(row).(hasBase).base()
+	b := any(row).(hasBase).Meta()
 	if input.IfMatch != "" && !matchETag(input.IfMatch, b.Version) {
 		return nil, preconditionFailed(b.Version)
 	}
@@ -434,7 +437,7 @@ func (r *resource[T, In]) deleteRow(ctx context.Context, tx *sqlx.Tx, row *T) er
 			return err
 		}
 	}
-	b := any(row).(hasBase).base()
+	b := any(row).(hasBase).Meta()
 	if _, err := tx.ExecContext(ctx, "DELETE FROM "+sqlq.Ident(r.Table)+" WHERE id = $1", b.ID); err != nil {
 		return sqlq.MapError(err, r.notFound())
 	}
@@ -492,4 +495,78 @@ func (r *resource[T, In]) clear(ctx context.Context, _ *struct{}) (*clearOutput,
 	out := &clearOutput{}
 	out.Body.Deleted = int64(len(victims))
 	return out, nil
+}
+
+type aclListOutput struct {
+	Body struct {
+		Items []platform.ACLEntry `json:"items" nullable:"false"`
+	}
+}
+
+type aclGrantInput struct {
+	ID   string `path:"id" format:"uuid" doc:"The resource id."`
+	Body platform.ACLGrant
+}
+
+type aclEntryOutput struct {
+	Body *platform.ACLEntry
+}
+
+type aclRevokeInput struct {
+	ID      string `path:"id" format:"uuid" doc:"The resource id."`
+	EntryID string `path:"entry_id" format:"uuid" doc:"The ACL entry id."`
+}
+
+type aclGetInput struct {
+	ID string `path:"id" format:"uuid" doc:"The resource id."`
+}
+
+// registerACL adds the ACL routes of one resource: who may do what on it.
+func (r *resource[T, In]) registerACL(item string) {
+	one, _ := r.names()
+	who := "Only the " + one + "'s owner, organization admins and the type's ACL admins may see or change its ACL."
+	list := r.operation(http.MethodGet, item+"/acl", "list-"+one+"-acl", "List a "+one+"'s ACL", "Lists the allow and deny entries of this "+one+". "+who, http.StatusOK, http.StatusForbidden, http.StatusNotFound)
+	huma.Register(r.reg.API, list, func(ctx context.Context, in *aclGetInput) (*aclListOutput, error) {
+		ref, p, err := r.ref(ctx, in.ID)
+		if err != nil {
+			return nil, err
+		}
+		entries, err := r.reg.ACL.List(ctx, p, r.scope, ref)
+		if err != nil {
+			return nil, err
+		}
+		out := &aclListOutput{}
+		out.Body.Items = entries
+		return out, nil
+	})
+	grant := r.operation(http.MethodPost, item+"/acl", "grant-"+one+"-acl", "Grant on a "+one, "Adds an allow or deny entry for a user, role, agent or the organization, for one action or *. Deny overrides allow and ownership. "+who, http.StatusCreated, http.StatusForbidden, http.StatusNotFound)
+	huma.Register(r.reg.API, grant, func(ctx context.Context, in *aclGrantInput) (*aclEntryOutput, error) {
+		ref, p, err := r.ref(ctx, in.ID)
+		if err != nil {
+			return nil, err
+		}
+		e, err := r.reg.ACL.Grant(ctx, p, r.scope, ref, in.Body)
+		if err != nil {
+			return nil, err
+		}
+		return &aclEntryOutput{Body: e}, nil
+	})
+	revoke := r.operation(http.MethodDelete, item+"/acl/{entry_id}", "revoke-"+one+"-acl", "Revoke on a "+one, "Deletes one entry of this "+one+"'s ACL. "+who, http.StatusNoContent, http.StatusForbidden, http.StatusNotFound)
+	huma.Register(r.reg.API, revoke, func(ctx context.Context, in *aclRevokeInput) (*struct{}, error) {
+		ref, p, err := r.ref(ctx, in.ID)
+		if err != nil {
+			return nil, err
+		}
+		return nil, r.reg.ACL.Revoke(ctx, p, r.scope, ref, in.EntryID)
+	})
+}
+
+// ref loads a resource the caller can read and returns its reference.
+func (r *resource[T, In]) ref(ctx context.Context, id string) (*platform.ResourceRef, *platform.Principal, error) {
+	row, p, err := r.Get(ctx, id, ActionRead)
+	if err != nil {
+		return nil, nil, err
+	}
+	ref := any(row).(hasBase).Meta().Ref(r.scope.Type)
+	return &ref, p, nil
 }

@@ -354,7 +354,7 @@ func (r *resource[T, In]) list(ctx context.Context, in *ListInput) (*PageOutput[
 		out.Body.NextCursor = encodeCursor(cursor{
 			Sort:  sortName,
 			Value: cursorValue(last.FieldByIndex(spec.col.index)),
-			ID:    any(out.Body.Items[n-1]).(hasBase).base().ID,
+			ID:    any(out.Body.Items[n-1]).(hasBase).Meta().ID,
 		})
 	}
 	return out, nil

@@ -64,6 +64,20 @@ func requestContext(logger *slog.Logger) gin.HandlerFunc {
 	}
 }
 
+// requestInfo records the request's id and origin for the audit log.
+func requestInfo() gin.HandlerFunc {
+	return func(c *gin.Context) {
+		ctx := c.Request.Context()
+		ua := c.Request.UserAgent()
+		if len(ua) > 256 {
+			ua = ua[:256]
+		}
+		ctx = platform.WithRequestInfo(ctx, platform.RequestInfo{ID: RequestID(ctx), IP: c.ClientIP(), UserAgent: ua})
+		c.Request = c.Request.WithContext(ctx)
+		c.Next()
+	}
+}
+
 // quietRoutes are logged at debug level: probes and scrapes would drown
 // everything else.
 var quietRoutes = map[string]bool{"/healthz": true, "/readyz": true, "/metrics": true}

@@ -42,6 +42,15 @@ type Options struct {
 	Ready        []ReadyCheck
 	// TrustedProxies are the CIDRs whose X-Forwarded-For is believed.
 	TrustedProxies []string
+	// Authenticator authenticates the operations that declare security.
+	Authenticator Authenticator
+	// OnAuthFailure, if set, is told the reason of every refused credential.
+	OnAuthFailure func(reason string)
+}
+
+// Authenticator turns a request's credentials into a principal.
+type Authenticator interface {
+	Authenticate(ctx context.Context, r *http.Request) (*platform.Principal, error)
 }
 
 // Server is the API's HTTP handler. Build it with New, register resources on
@@ -81,7 +90,7 @@ func New(opts Options) *Server {
 	if opts.Metrics != nil {
 		s.http = metrics.NewHTTP(opts.Metrics)
 	}
-	engine.Use(requestContext(opts.Logger), s.instrument(), accessLog(), recoverPanics(), securityHeaders(), limitBody(opts.MaxBodyBytes))
+	engine.Use(requestContext(opts.Logger), s.instrument(), accessLog(), recoverPanics(), securityHeaders(), limitBody(opts.MaxBodyBytes), requestInfo())
 	engine.NoRoute(func(c *gin.Context) {
 		writeProblem(c, platform.Errorf(platform.ENOTFOUND, "no route for %s %s", c.Request.Method, c.Request.URL.Path))
 	})
@@ -99,6 +108,7 @@ func New(opts Options) *Server {
 			Description: "An access token from POST /v1/auth/login, or an API key (`agk_…`)."},
 	}
 	s.API = humagin.New(engine, cfg)
+	s.API.UseMiddleware(s.authenticate)
 	s.platformRoutes()
 	return s
 }

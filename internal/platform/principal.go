@@ -38,14 +38,16 @@ type Principal struct {
 	OrgID string
 	// Roles are the roles the principal holds in OrgID.
 	Roles []RoleRef
-	// Permissions are the union of the roles' permissions, already narrowed
-	// to an API key's scope when the request came with a key.
+	// Permissions are the union of the roles' permissions (for an agent, the
+	// permissions of its key).
 	Permissions []Permission
 	// Superadmin is the platform role; it is never granted by an API key of
 	// narrower scope.
 	Superadmin bool
-	// KeyID is set when the request authenticated with an API key.
-	KeyID string
+	// KeyID is set when the request authenticated with an API key; KeyScope
+	// is then that key's scope, which caps every decision.
+	KeyID    string
+	KeyScope []Permission
 	// SessionID is the refresh-token family an access token belongs to.
 	SessionID string
 	// IP and UserAgent describe where the request came from, for the audit log.
@@ -135,4 +137,52 @@ type ResourceRef struct {
 	ID      string
 	OrgID   string
 	OwnerID string
+}
+
+// BuiltinRoles are the roles every organization is created with, and their
+// permissions. Owners and admins may do everything in the organization
+// (only owners may delete it or change owners); members use and create;
+// viewers read.
+var BuiltinRoles = []struct {
+	Name        string
+	Description string
+	Permissions []string
+}{
+	{RoleOwner, "Owns the organization: everything, including deleting it.", []string{"*"}},
+	{RoleAdmin, "Administers the organization: everything but deleting it or changing its owners.", []string{"*"}},
+	{RoleMember, "Uses the platform: reads, creates and commands agents.", []string{
+		"Agent.read", "Agent.create", "Agent.command", "Environment.read", "Environment.create",
+		"Template.read", "Template.create", "Command.read", "Command.cancel", "Command.retry",
+		"Schedule.read", "Schedule.create", "Membership.read", "Role.read", "ApiKey.create",
+	}},
+	{RoleViewer, "Reads agents, templates, environments, commands and schedules.", []string{
+		"Agent.read", "Environment.read", "Template.read", "Command.read", "Schedule.read", "Membership.read", "Role.read",
+	}},
+}
+
+// RequestInfo describes the request a context belongs to, for the audit log.
+type RequestInfo struct {
+	ID        string
+	IP        string
+	UserAgent string
+}
+
+type requestInfoKey struct{}
+
+// WithRequestInfo returns ctx carrying info.
+func WithRequestInfo(ctx context.Context, info RequestInfo) context.Context {
+	return context.WithValue(ctx, requestInfoKey{}, info)
+}
+
+// RequestInfoFrom returns the request info ctx carries (zero outside a request).
+func RequestInfoFrom(ctx context.Context) RequestInfo {
+	info, _ := ctx.Value(requestInfoKey{}).(RequestInfo)
+	return info
+}
+
+// ACLGrant is what a caller asks to add to an ACL.
+type ACLGrant struct {
+	PrincipalID string `json:"principal_id" format:"uuid" doc:"The user, role, organization or agent the entry applies to."`
+	Action      string `json:"action" pattern:"^(\\*|[a-z][a-z0-9_]{0,63})$" doc:"One action (read, update, delete, command, …) or * for every action."`
+	Effect      string `json:"effect" enum:"allow,deny" doc:"deny overrides every allow, and ownership."`
 }

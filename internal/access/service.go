@@ -1,0 +1,336 @@
+package access
+
+import (
+	"context"
+	"crypto/rand"
+	"crypto/sha256"
+	"encoding/base64"
+	"net/mail"
+	"strings"
+	"time"
+
+	"github.com/google/uuid"
+
+	"github.com/agentry/agentry/internal/platform"
+	"github.com/agentry/agentry/internal/redisx"
+)
+
+// Accounts is what the account flows need of the identity store.
+type Accounts interface {
+	Store
+	CreateUser(ctx context.Context, email, name, passwordHash string, superadmin bool) (*platform.User, *platform.Organization, error)
+	UserByEmail(ctx context.Context, email string) (*platform.User, error)
+	UserByID(ctx context.Context, id string) (*platform.User, error)
+	SetPasswordHash(ctx context.Context, userID, hash string) error
+	CreateSession(ctx context.Context, familyID, userID string, tokenHash []byte, expires time.Time, ip, userAgent string) error
+	Rotate(ctx context.Context, old, next []byte, expires time.Time, ip, userAgent string) (*platform.Session, bool, error)
+	RevokeFamily(ctx context.Context, userID, familyID string) error
+	RevokeOtherSessions(ctx context.Context, userID, keep string) ([]string, error)
+	CountSuperadmins(ctx context.Context) (int, error)
+}
+
+// Throttler counts failures (the redisx package implements it).
+type Throttler interface {
+	Blocked(ctx context.Context, limits ...redisx.Limit) (int, error)
+	Fail(ctx context.Context, limits ...redisx.Limit) error
+	Reset(ctx context.Context, keys ...string) error
+}
+
+// Service runs the account flows: registration, login, token refresh,
+// logout, password change.
+type Service struct {
+	Accounts   Accounts
+	Passwords  *Passwords
+	Tokens     *Tokens
+	Throttle   Throttler
+	Audit      *Audit
+	RefreshTTL time.Duration
+	// MaxFailures failed logins per Window for one account from one address
+	// lock that pair out until the window ends; the account as a whole and
+	// the address as a whole get ten and twenty times as many.
+	MaxFailures int
+	Window      time.Duration
+	// Invalidate drops cached identity facts on every replica.
+	Invalidate func(ctx context.Context, keys ...string)
+}
+
+// TokenPair is what a login or a refresh answers.
+type TokenPair struct {
+	AccessToken  string `json:"access_token"`
+	RefreshToken string `json:"refresh_token"`
+	TokenType    string `json:"token_type" example:"Bearer"`
+	ExpiresIn    int    `json:"expires_in" doc:"Seconds the access token lives."`
+}
+
+// ValidEmail reports whether s is a plain email address: local@domain.tld.
+func ValidEmail(s string) bool {
+	if len(s) > 254 || strings.ContainsAny(s, " \t\r\n<>") {
+		return false
+	}
+	a, err := mail.ParseAddress(s)
+	if err != nil || a.Address != s || a.Name != "" {
+		return false
+	}
+	at := strings.LastIndexByte(s, '@')
+	domain := s[at+1:]
+	return at > 0 && strings.Contains(domain, ".") && !strings.HasPrefix(domain, ".") && !strings.HasSuffix(domain, ".")
+}
+
+// CheckPassword returns the problems of a new password for email.
+func CheckPassword(email, password, field string) []platform.FieldError {
+	var out []platform.FieldError
+	switch {
+	case len(password) < 8:
+		out = append(out, platform.FieldError{Field: field, Message: "must be at least 8 characters"})
+	case len(password) > 256:
+		out = append(out, platform.FieldError{Field: field, Message: "must be at most 256 characters"})
+	case strings.EqualFold(strings.TrimSpace(password), strings.TrimSpace(email)):
+		out = append(out, platform.FieldError{Field: field, Message: "must not be your email address"})
+	}
+	return out
+}
+
+// Register creates an account with its personal organization.
+func (s *Service) Register(ctx context.Context, email, password, name string) (*platform.User, error) {
+	email = strings.TrimSpace(email)
+	var bad []platform.FieldError
+	if !ValidEmail(email) {
+		bad = append(bad, platform.FieldError{Field: "body.email", Message: "must be an email address such as ada@example.com"})
+	}
+	bad = append(bad, CheckPassword(email, password, "body.password")...)
+	if strings.TrimSpace(name) == "" {
+		bad = append(bad, platform.FieldError{Field: "body.name", Message: "must not be blank"})
+	}
+	if len(bad) > 0 {
+		return nil, platform.Invalid("registration is invalid", bad...)
+	}
+	hash, err := s.Passwords.Hash(password)
+	if err != nil {
+		return nil, err
+	}
+	u, org, err := s.Accounts.CreateUser(ctx, email, strings.TrimSpace(name), hash, false)
+	if err != nil {
+		return nil, err
+	}
+	s.Audit.Record(ctx, platform.AuditEvent{ActorID: &u.ID, ActorKind: platform.KindUser, OrgID: &org.ID, Action: "user.register", ResourceType: "User", ResourceID: &u.ID, Outcome: "ok"})
+	return u, nil
+}
+
+func (s *Service) loginLimits(email, ip string) []redisx.Limit {
+	email = strings.ToLower(email)
+	return []redisx.Limit{
+		{Key: "login:pair:" + email + "|" + ip, Max: s.MaxFailures, Window: s.Window},
+		{Key: "login:account:" + email, Max: 10 * s.MaxFailures, Window: s.Window},
+		{Key: "login:ip:" + ip, Max: 20 * s.MaxFailures, Window: s.Window},
+	}
+}
+
+// Login checks an email and password and opens a session. Failures are
+// counted per account and address; once over the limit the answer is
+// ETOOMANY with the seconds to wait, before any password is checked.
+func (s *Service) Login(ctx context.Context, email, password string) (*TokenPair, error) {
+	info := platform.RequestInfoFrom(ctx)
+	limits := s.loginLimits(email, info.IP)
+	wait, err := s.Throttle.Blocked(ctx, limits...)
+	if err != nil {
+		return nil, err
+	}
+	if wait > 0 {
+		s.Audit.Record(ctx, platform.AuditEvent{Action: "login", Outcome: "denied", Reason: "throttled", Details: platform.JSONObject{"email": email}})
+		return nil, &platform.Error{Code: platform.ETOOMANY, Message: "too many failed logins; wait before trying again", RetryAfter: wait}
+	}
+	fail := func(reason string, u *platform.User) (*TokenPair, error) {
+		if err := s.Throttle.Fail(ctx, limits...); err != nil {
+			return nil, err
+		}
+		e := platform.AuditEvent{Action: "login", Outcome: "failed", Reason: reason, Details: platform.JSONObject{"email": email}}
+		if u != nil {
+			e.ActorID, e.ActorKind = &u.ID, platform.KindUser
+		}
+		s.Audit.Record(ctx, e)
+		return nil, platform.Errorf(platform.EUNAUTHORIZED, "wrong email or password")
+	}
+	u, err := s.Accounts.UserByEmail(ctx, strings.TrimSpace(email))
+	if platform.ErrorCode(err) == platform.ENOTFOUND {
+		s.Passwords.Burn(password)
+		return fail("unknown email", nil)
+	}
+	if err != nil {
+		return nil, err
+	}
+	ok, rehash, err := s.Passwords.Verify(password, u.PasswordHash)
+	if err != nil || !ok {
+		return fail("wrong password", u)
+	}
+	if u.Disabled {
+		return fail("account disabled", u)
+	}
+	if rehash {
+		if hash, err := s.Passwords.Hash(password); err == nil {
+			_ = s.Accounts.SetPasswordHash(ctx, u.ID, hash)
+		}
+	}
+	_ = s.Throttle.Reset(ctx, limits[0].Key)
+	pair, err := s.openSession(ctx, u)
+	if err != nil {
+		return nil, err
+	}
+	s.Audit.Record(ctx, platform.AuditEvent{ActorID: &u.ID, ActorKind: platform.KindUser, Action: "login", Outcome: "ok"})
+	return pair, nil
+}
+
+func newRefreshToken() (token string, hash []byte) {
+	var b [32]byte
+	_, _ = rand.Read(b[:])
+	token = "agr_" + base64.RawURLEncoding.EncodeToString(b[:])
+	sum := sha256.Sum256([]byte(token))
+	return token, sum[:]
+}
+
+func hashRefresh(token string) []byte {
+	sum := sha256.Sum256([]byte(token))
+	return sum[:]
+}
+
+func (s *Service) openSession(ctx context.Context, u *platform.User) (*TokenPair, error) {
+	info := platform.RequestInfoFrom(ctx)
+	family := uuid.NewString()
+	refresh, hash := newRefreshToken()
+	if err := s.Accounts.CreateSession(ctx, family, u.ID, hash, time.Now().Add(s.RefreshTTL), info.IP, info.UserAgent); err != nil {
+		return nil, err
+	}
+	return s.pair(u, family, refresh)
+}
+
+func (s *Service) pair(u *platform.User, family, refresh string) (*TokenPair, error) {
+	access, err := s.Tokens.Issue(u.ID, family, u.TokenVersion)
+	if err != nil {
+		return nil, err
+	}
+	return &TokenPair{AccessToken: access, RefreshToken: refresh, TokenType: "Bearer", ExpiresIn: int(s.Tokens.TTL().Seconds())}, nil
+}
+
+// Refresh rotates a refresh token. Presenting a token that was already
+// rotated revokes its whole session: whoever holds either copy is logged out.
+func (s *Service) Refresh(ctx context.Context, token string) (*TokenPair, error) {
+	info := platform.RequestInfoFrom(ctx)
+	if !strings.HasPrefix(token, "agr_") || len(token) > 128 {
+		return nil, platform.Errorf(platform.EUNAUTHORIZED, "invalid refresh token")
+	}
+	next, nextHash := newRefreshToken()
+	sess, reused, err := s.Accounts.Rotate(ctx, hashRefresh(token), nextHash, time.Now().Add(s.RefreshTTL), info.IP, info.UserAgent)
+	if err != nil {
+		return nil, err
+	}
+	if reused {
+		s.Invalidate(ctx, sessionKey(sess.FamilyID))
+		s.Audit.Record(ctx, platform.AuditEvent{ActorID: &sess.UserID, ActorKind: platform.KindUser, Action: "session.reuse_detected", Outcome: "denied",
+			Reason: "a rotated refresh token was presented again; the session is revoked", Details: platform.JSONObject{"session_id": sess.FamilyID}})
+		return nil, platform.Errorf(platform.EUNAUTHORIZED, "invalid refresh token")
+	}
+	u, err := s.Accounts.UserByID(ctx, sess.UserID)
+	if err != nil {
+		return nil, err
+	}
+	if u.Disabled {
+		return nil, platform.Errorf(platform.EUNAUTHORIZED, "invalid refresh token")
+	}
+	return s.pair(u, sess.FamilyID, next)
+}
+
+// Logout revokes the caller's session: its refresh tokens at once, its
+// access tokens on every replica within moments.
+func (s *Service) Logout(ctx context.Context, p *platform.Principal) error {
+	if p.SessionID == "" {
+		return platform.Errorf(platform.EINVALID, "log out with an access token; API keys are revoked instead")
+	}
+	if err := s.Accounts.RevokeFamily(ctx, p.ID, p.SessionID); err != nil {
+		return err
+	}
+	s.Invalidate(ctx, sessionKey(p.SessionID))
+	s.Audit.Record(ctx, platform.AuditEvent{Action: "logout", Outcome: "ok", Details: platform.JSONObject{"session_id": p.SessionID}})
+	return nil
+}
+
+// ChangePassword sets a new password after checking the current one, and
+// revokes every other session of the user.
+func (s *Service) ChangePassword(ctx context.Context, p *platform.Principal, current, next string) error {
+	if p.Kind != platform.KindUser || p.SessionID == "" {
+		return platform.Errorf(platform.EFORBIDDEN, "change your password with an access token from a login")
+	}
+	u, err := s.Accounts.UserByID(ctx, p.ID)
+	if err != nil {
+		return err
+	}
+	ok, _, err := s.Passwords.Verify(current, u.PasswordHash)
+	if err != nil || !ok {
+		s.Audit.Record(ctx, platform.AuditEvent{Action: "user.password_change", Outcome: "failed", Reason: "wrong current password"})
+		return platform.Invalid("the current password is wrong", platform.FieldError{Field: "body.current_password", Message: "does not match"})
+	}
+	if bad := CheckPassword(u.Email, next, "body.new_password"); len(bad) > 0 {
+		return platform.Invalid("the new password is invalid", bad...)
+	}
+	hash, err := s.Passwords.Hash(next)
+	if err != nil {
+		return err
+	}
+	if err := s.Accounts.SetPasswordHash(ctx, u.ID, hash); err != nil {
+		return err
+	}
+	families, err := s.Accounts.RevokeOtherSessions(ctx, u.ID, p.SessionID)
+	if err != nil {
+		return err
+	}
+	keys := make([]string, len(families))
+	for i, f := range families {
+		keys[i] = sessionKey(f)
+	}
+	s.Invalidate(ctx, keys...)
+	s.Audit.Record(ctx, platform.AuditEvent{Action: "user.password_change", Outcome: "ok", Details: platform.JSONObject{"sessions_revoked": len(families)}})
+	return nil
+}
+
+// SeedAdmin creates the first superadmin unless one exists. It returns the
+// user and whether it was created.
+func (s *Service) SeedAdmin(ctx context.Context, email, password string) (*platform.User, bool, error) {
+	n, err := s.Accounts.CountSuperadmins(ctx)
+	if err != nil {
+		return nil, false, err
+	}
+	if n > 0 {
+		u, err := s.Accounts.UserByEmail(ctx, email)
+		if err != nil {
+			return nil, false, nil
+		}
+		return u, false, nil
+	}
+	if bad := CheckPassword(email, password, "admin_password"); len(bad) > 0 {
+		return nil, false, platform.Invalid("AGENTRY_ADMIN_PASSWORD "+bad[0].Message, bad...)
+	}
+	hash, err := s.Passwords.Hash(password)
+	if err != nil {
+		return nil, false, err
+	}
+	u, _, err := s.Accounts.CreateUser(ctx, email, "Administrator", hash, true)
+	if err != nil {
+		return nil, false, err
+	}
+	return u, true, nil
+}
+
+// InvalidateUser drops the cached facts of a user on every replica (after
+// a membership or role change).
+func (s *Service) InvalidateUser(ctx context.Context, userIDs ...string) {
+	keys := make([]string, len(userIDs))
+	for i, id := range userIDs {
+		keys[i] = factsKey(id) + "*"
+	}
+	s.Invalidate(ctx, keys...)
+}
+
+// InvalidateKey drops a cached API key on every replica.
+func (s *Service) InvalidateKey(ctx context.Context, prefix string) { s.Invalidate(ctx, keyKey(prefix)) }
+
+// InvalidateAll drops every cached identity fact (a role's permissions
+// changed).
+func (s *Service) InvalidateAll(ctx context.Context) { s.Invalidate(ctx, "facts:*") }
