@@ -26,7 +26,7 @@ type Store interface {
 }
 
 // Cache keys the authenticator uses; the service invalidates them on change.
-func factsKey(userID string) string  { return "facts:" + userID + ":" }
+func factsKey(userID string) string   { return "facts:" + userID + ":" }
 func sessionKey(family string) string { return "session:" + family }
 func keyKey(prefix string) string     { return "key:" + prefix }
 

@@ -329,7 +329,9 @@ func (s *Service) InvalidateUser(ctx context.Context, userIDs ...string) {
 }
 
 // InvalidateKey drops a cached API key on every replica.
-func (s *Service) InvalidateKey(ctx context.Context, prefix string) { s.Invalidate(ctx, keyKey(prefix)) }
+func (s *Service) InvalidateKey(ctx context.Context, prefix string) {
+	s.Invalidate(ctx, keyKey(prefix))
+}
 
 // InvalidateAll drops every cached identity fact (a role's permissions
 // changed).

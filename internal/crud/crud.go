@@ -96,9 +96,9 @@ type Change struct {
 // Registry holds what every resource shares: the API to register
 // operations on, the database, the guard and the write observers.
 type Registry struct {
-	API          huma.API
-	DB           *sqlx.DB
-	Guard        Guard
+	API   huma.API
+	DB    *sqlx.DB
+	Guard Guard
 	// ACL, when set, gives every resource with OpACL its ACL routes.
 	ACL          ACLManager
 	MaxBodyBytes int64

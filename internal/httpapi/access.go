@@ -259,11 +259,11 @@ func (s *Server) aclRoutes(d Deps) {
 }
 
 type auditInput struct {
-	Page     int        `query:"page" minimum:"1" default:"1"`
-	PageSize int        `query:"page_size" minimum:"1" maximum:"100" default:"50"`
-	Action   string     `query:"action" maxLength:"100" doc:"Only this action (login, acl.grant, Agent.read, …)."`
-	Outcome  string     `query:"outcome" enum:"ok,denied,failed" doc:"Only this outcome."`
-	ActorID  string     `query:"actor_id" format:"uuid" doc:"Only this actor."`
+	Page     int       `query:"page" minimum:"1" default:"1"`
+	PageSize int       `query:"page_size" minimum:"1" maximum:"100" default:"50"`
+	Action   string    `query:"action" maxLength:"100" doc:"Only this action (login, acl.grant, Agent.read, …)."`
+	Outcome  string    `query:"outcome" enum:"ok,denied,failed" doc:"Only this outcome."`
+	ActorID  string    `query:"actor_id" format:"uuid" doc:"Only this actor."`
 	Since    time.Time `query:"since" doc:"Only events at or after this time (RFC 3339)."`
 	Until    time.Time `query:"until" doc:"Only events before this time (RFC 3339)."`
 }

@@ -9,7 +9,6 @@ import (
 	"github.com/agentry/agentry/internal/platform"
 )
 
-
 // authenticate is the Huma middleware that requires credentials on every
 // operation declaring security, and puts the principal in the context.
 // Operations without security (login, health) pass untouched.
