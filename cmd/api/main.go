@@ -30,6 +30,8 @@ import (
 	"github.com/agentry/agentry/internal/cache"
 	"github.com/agentry/agentry/internal/crud"
 	"github.com/agentry/agentry/internal/redisx"
+	"github.com/agentry/agentry/internal/secrets"
+	"github.com/agentry/agentry/internal/templates"
 
 	"github.com/agentry/agentry/internal/app"
 	"github.com/agentry/agentry/internal/config"
@@ -234,7 +236,17 @@ func serve(ctx context.Context, s config.Settings, stdout io.Writer, logger *slo
 	})
 	guard := &access.Guard{DB: db, Audit: svc.audit}
 	registry := &crud.Registry{API: srv.API, DB: db, Guard: guard, ACL: &access.ACL{DB: db, Audit: svc.audit}, MaxBodyBytes: s.MaxBodyBytes}
+	key, err := s.SecretsKeyBytes()
+	if err != nil {
+		return err
+	}
+	sealer, err := secrets.New(key)
+	if err != nil {
+		return err
+	}
 	srv.Routes(httpapi.Deps{
+		Kinds:    &templates.Kinds{},
+		Sealer:   sealer,
 		DB:       db,
 		Registry: registry,
 		Accounts: svc.accounts,

@@ -187,12 +187,18 @@ type Resource[T, In any] struct {
 // Handle gives custom routes of a resource the framework's loaders, so they
 // decide access exactly as the CRUD routes do.
 type Handle[T any] struct {
-	reg   *Registry
-	scope platform.Scope
-	table string
-	m     *model
-	view  func(context.Context, *T)
+	reg    *Registry
+	scope  platform.Scope
+	table  string
+	m      *model
+	view   func(context.Context, *T)
+	create func(ctx context.Context, body []byte) (*T, error)
 }
+
+// Create creates a resource from a JSON body of the resource's input type,
+// exactly as POST on the collection does (schema, validation, hooks,
+// access). Template instantiation creates resources through it.
+func (h *Handle[T]) Create(ctx context.Context, body []byte) (*T, error) { return h.create(ctx, body) }
 
 type resource[T, In any] struct {
 	Resource[T, In]
@@ -255,6 +261,7 @@ func Register[T, In any](reg *Registry, res Resource[T, In]) *Handle[T] {
 	}
 	r.inSchema = reg.API.OpenAPI().Components.Schemas.Schema(reflect.TypeFor[In](), true, "")
 	reg.AddScope(res.Scope)
+	r.Handle.create = r.createJSON
 	r.register()
 	return &r.Handle
 }
@@ -351,6 +358,44 @@ func (h *Handle[T]) GetForUpdate(ctx context.Context, tx *sqlx.Tx, id, action st
 	}
 	row, err := h.load(ctx, tx, p, id, action, true)
 	return row, p, err
+}
+
+// Query runs a custom SELECT built by build, which must select Columns()
+// and then the entries expression it is given, over alias t. It decides
+// action on every row and fails with the first refusal (ENOTFOUND for a row
+// the caller may not see): custom routes reading several rows (a template's
+// inheritance chain) decide exactly as the CRUD routes do.
+func (h *Handle[T]) Query(ctx context.Context, action string, build func(cols, entries string, args *sqlq.Args) string) ([]*T, *platform.Principal, error) {
+	p, err := h.reg.Guard.Caller(ctx)
+	if err != nil {
+		return nil, nil, err
+	}
+	var args sqlq.Args
+	q := build(h.m.selectList, h.reg.Guard.Entries(p, h.scope, &args), &args)
+	rows, err := h.reg.DB.QueryContext(ctx, q, args...)
+	if err != nil {
+		return nil, nil, sqlq.MapError(err, h.notFound())
+	}
+	defer rows.Close()
+	var out []*T
+	for rows.Next() {
+		row := new(T)
+		var entries []byte
+		if err := rows.Scan(append(h.m.ptrs(reflect.ValueOf(row).Elem()), &entries)...); err != nil {
+			return nil, nil, err
+		}
+		ref := any(row).(hasBase).Meta().Ref(h.scope.Type)
+		if err := h.reg.Guard.Decide(ctx, p, h.scope, ActionRead, &ref, entries); err != nil {
+			return nil, nil, err
+		}
+		if action != ActionRead {
+			if err := h.reg.Guard.Decide(ctx, p, h.scope, action, &ref, entries); err != nil {
+				return nil, nil, err
+			}
+		}
+		out = append(out, row)
+	}
+	return out, p, rows.Err()
 }
 
 // Render applies the resource's response transformation to row.

@@ -148,6 +148,28 @@ func (r *resource[T, In]) validate(ctx context.Context, in *In) error {
 	return nil
 }
 
+// createJSON validates body as the input type and creates the resource.
+func (r *resource[T, In]) createJSON(ctx context.Context, body []byte) (*T, error) {
+	var doc any
+	dec := json.NewDecoder(bytes.NewReader(body))
+	dec.UseNumber()
+	if err := dec.Decode(&doc); err != nil {
+		return nil, platform.Invalid("the body is not a JSON document", platform.FieldError{Field: "body", Message: "malformed JSON"})
+	}
+	if err := r.checkSchema(doc); err != nil {
+		return nil, err
+	}
+	in := new(In)
+	if err := json.Unmarshal(body, in); err != nil {
+		return nil, platform.Invalid("invalid body", platform.FieldError{Field: "body", Message: err.Error()})
+	}
+	out, err := r.create(ctx, &createInput[In]{Body: *in})
+	if err != nil {
+		return nil, err
+	}
+	return out.Body, nil
+}
+
 func (r *resource[T, In]) create(ctx context.Context, input *createInput[In]) (*CreatedOutput[T], error) {
 	p, err := r.reg.Guard.Caller(ctx)
 	if err != nil {

@@ -53,7 +53,7 @@ type keyOutput struct {
 // owner entity.
 type AgentLoader func(ctx context.Context, id, action string) (*platform.ResourceRef, error)
 
-func (s *Server) keyRoutes(d Deps) {
+func (s *Server) keyRoutes(d Deps, agents AgentLoader) {
 	scope := platform.Scope{Type: "ApiKey"}
 	keys := crud.Register(d.Registry, crud.Resource[platform.APIKey, struct{}]{
 		Scope: scope, Path: "/v1/api-keys", Table: "api_keys", Tag: "API keys",
@@ -82,10 +82,7 @@ func (s *Server) keyRoutes(d Deps) {
 			}
 			entity := p.ID
 			if in.Body.AgentID != "" {
-				if d.Agents == nil {
-					return nil, platform.Errorf(platform.ENOTFOUND, "agent not found")
-				}
-				ref, err := d.Agents(ctx, in.Body.AgentID, "update")
+				ref, err := agents(ctx, in.Body.AgentID, "update")
 				if err != nil {
 					return nil, err
 				}

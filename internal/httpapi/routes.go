@@ -1,10 +1,15 @@
 package httpapi
 
 import (
+	"context"
+
 	"github.com/jmoiron/sqlx"
 
 	"github.com/agentry/agentry/internal/access"
 	"github.com/agentry/agentry/internal/crud"
+	"github.com/agentry/agentry/internal/platform"
+	"github.com/agentry/agentry/internal/secrets"
+	"github.com/agentry/agentry/internal/templates"
 )
 
 // Deps are the services the API's routes call.
@@ -17,8 +22,11 @@ type Deps struct {
 	Guard    crud.Guard
 	ACL      *access.ACL
 	Audit    *access.Audit
-	// Agents loads an agent for the API key routes (set by the agent routes).
-	Agents AgentLoader
+	// Kinds are the templated resource kinds; the agent and environment
+	// kinds are registered by the routes.
+	Kinds *templates.Kinds
+	// Sealer encrypts environment secrets.
+	Sealer *secrets.Sealer
 }
 
 // Routes registers the whole API surface on s. Every operation of the
@@ -28,7 +36,15 @@ func (s *Server) Routes(d Deps) {
 	s.authRoutes(d)
 	s.orgRoutes(d)
 	s.membershipRoutes(d)
-	s.keyRoutes(d)
+	res := s.resourceRoutes(d)
+	s.keyRoutes(d, func(ctx context.Context, id, action string) (*platform.ResourceRef, error) {
+		a, _, err := res.Agents.Get(ctx, id, action)
+		if err != nil {
+			return nil, err
+		}
+		ref := a.Ref(AgentScope.Type)
+		return &ref, nil
+	})
 	s.aclRoutes(d)
 	s.auditRoutes(d)
 }
