@@ -8,6 +8,7 @@ import (
 	"bytes"
 	"encoding/json"
 	"fmt"
+	"io"
 )
 
 // Merge returns target with patch applied, per RFC 7396. Values are the
@@ -58,7 +59,8 @@ func decode(data []byte, v *any) error {
 	if err := dec.Decode(v); err != nil {
 		return err
 	}
-	if dec.More() {
+	// More would miss a stray ']' or '}': only the end of the input will do.
+	if _, err := dec.Token(); err != io.EOF {
 		return fmt.Errorf("trailing data after the JSON value")
 	}
 	return nil
