@@ -103,9 +103,9 @@ func (a *Authenticator) Authenticate(ctx context.Context, r *http.Request) (*pla
 	if !ok || !strings.EqualFold(scheme, "Bearer") || credential == "" {
 		return nil, unauthorized(FailNoCredentials)
 	}
-	orgID := r.Header.Get("X-Org-ID")
-	if orgID != "" && uuid.Validate(orgID) != nil {
-		return nil, platform.Invalid("X-Org-ID must be an organization id", platform.FieldError{Field: "header.X-Org-ID", Message: "not a UUID"})
+	orgID, err := canonicalOrg(r.Header.Get("X-Org-ID"))
+	if err != nil {
+		return nil, err
 	}
 	if IsAPIKey(credential) {
 		return a.fromKey(ctx, credential, orgID)
@@ -113,9 +113,28 @@ func (a *Authenticator) Authenticate(ctx context.Context, r *http.Request) (*pla
 	return a.FromToken(ctx, credential, orgID)
 }
 
+// canonicalOrg returns the canonical form of an organization id a client
+// sent (lower case, with hyphens), "" for none. Decisions compare ids as
+// strings, so an id in any other spelling would miss the organization's
+// ACL entries and its resources.
+func canonicalOrg(orgID string) (string, error) {
+	if orgID == "" {
+		return "", nil
+	}
+	id, err := uuid.Parse(orgID)
+	if err != nil {
+		return "", platform.Invalid("X-Org-ID must be an organization id", platform.FieldError{Field: "header.X-Org-ID", Message: "not a UUID"})
+	}
+	return id.String(), nil
+}
+
 // FromToken returns the principal of an access token acting in orgID ("":
 // the user's default organization).
 func (a *Authenticator) FromToken(ctx context.Context, token, orgID string) (*platform.Principal, error) {
+	orgID, err := canonicalOrg(orgID)
+	if err != nil {
+		return nil, err
+	}
 	claims, err := a.tokens.Parse(token)
 	if err != nil {
 		return nil, unauthorized(FailBadToken)
