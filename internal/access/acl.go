@@ -4,6 +4,7 @@ import (
 	"context"
 	"database/sql"
 	"errors"
+	"slices"
 	"strings"
 
 	"github.com/google/uuid"
@@ -23,20 +24,25 @@ type ACL struct {
 
 // CanAdminister reports whether p may change the ACL of ref (nil: of the
 // whole type) in scope s.
+//
+// An API key's scope caps this as it caps every decision: without
+// Acl.update in its scope, a key administers no ACL, whoever holds it.
+// Only the platform role (superadmin) reaches across organizations; the
+// organization roles of ACLAdmins act in their own organization.
 func CanAdminister(p *platform.Principal, s platform.Scope, ref *platform.ResourceRef) bool {
-	if alwaysAllowed(p, s) {
+	if p.KeyID != "" && !keyAllows(p, "Acl", "update") {
+		return false
+	}
+	if alwaysAllowed(p, s) || p.Superadmin && slices.Contains(s.ACLAdmins, platform.RoleSuperadmin) {
 		return true
+	}
+	if p.OrgID == "" || ref != nil && ref.OrgID != p.OrgID {
+		return false
 	}
 	for _, role := range s.ACLAdmins {
 		if p.HasRole(role) {
 			return true
 		}
-	}
-	if p.KeyID != "" && !keyAllows(p, "Acl", "update") {
-		return false
-	}
-	if ref != nil && ref.OrgID != p.OrgID {
-		return false
 	}
 	return p.IsOrgAdmin() || (ref != nil && ref.OwnerID == p.ID)
 }
