@@ -76,6 +76,10 @@ func ValidEmail(s string) bool {
 	return at > 0 && strings.Contains(domain, ".") && !strings.HasPrefix(domain, ".") && !strings.HasSuffix(domain, ".")
 }
 
+// normalEmail is the form of an email address accounts are stored and
+// looked up under: trimmed and lower-case.
+func normalEmail(s string) string { return strings.ToLower(strings.TrimSpace(s)) }
+
 // CheckPassword returns the problems of a new password for email.
 func CheckPassword(email, password, field string) []platform.FieldError {
 	var out []platform.FieldError
@@ -116,8 +120,10 @@ func (s *Service) Register(ctx context.Context, email, password, name string) (*
 	return u, nil
 }
 
+// loginLimits are the failure counters of a login: email must be
+// normalised (normalEmail) so that every spelling of one account shares
+// them.
 func (s *Service) loginLimits(email, ip string) []redisx.Limit {
-	email = strings.ToLower(email)
 	return []redisx.Limit{
 		{Key: "login:pair:" + email + "|" + ip, Max: s.MaxFailures, Window: s.Window},
 		{Key: "login:account:" + email, Max: 10 * s.MaxFailures, Window: s.Window},
@@ -129,6 +135,7 @@ func (s *Service) loginLimits(email, ip string) []redisx.Limit {
 // counted per account and address; once over the limit the answer is
 // ETOOMANY with the seconds to wait, before any password is checked.
 func (s *Service) Login(ctx context.Context, email, password string) (*TokenPair, error) {
+	email = normalEmail(email)
 	info := platform.RequestInfoFrom(ctx)
 	limits := s.loginLimits(email, info.IP)
 	wait, err := s.Throttle.Blocked(ctx, limits...)
@@ -150,7 +157,7 @@ func (s *Service) Login(ctx context.Context, email, password string) (*TokenPair
 		s.Audit.Record(ctx, e)
 		return nil, platform.Errorf(platform.EUNAUTHORIZED, "wrong email or password")
 	}
-	u, err := s.Accounts.UserByEmail(ctx, strings.TrimSpace(email))
+	u, err := s.Accounts.UserByEmail(ctx, email)
 	if platform.ErrorCode(err) == platform.ENOTFOUND {
 		s.Passwords.Burn(password)
 		return fail("unknown email", nil)
