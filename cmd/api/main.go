@@ -23,12 +23,15 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/hibiken/asynq"
 	"github.com/jmoiron/sqlx"
 	"github.com/redis/go-redis/v9"
 
 	"github.com/agentry/agentry/internal/access"
 	"github.com/agentry/agentry/internal/cache"
+	"github.com/agentry/agentry/internal/commands"
 	"github.com/agentry/agentry/internal/crud"
+	"github.com/agentry/agentry/internal/events"
 	"github.com/agentry/agentry/internal/redisx"
 	"github.com/agentry/agentry/internal/secrets"
 	"github.com/agentry/agentry/internal/templates"
@@ -244,17 +247,26 @@ func serve(ctx context.Context, s config.Settings, stdout io.Writer, logger *slo
 	if err != nil {
 		return err
 	}
+	cmdMetrics := metrics.NewCommands(reg)
+	dispatcher := &commands.Dispatcher{
+		Store:   &commands.Store{DB: db, Limits: commands.Limits{OrgMaxInFlight: s.OrgMaxInFlight, OrgMaxQueued: s.OrgMaxQueued}},
+		Queue:   commands.NewQueue(asynq.NewClientFromRedisClient(svc.rdb), s.RedisPrefix),
+		Events:  events.NewBus(svc.rdb, s.RedisPrefix, s.EventStreamMaxLen),
+		Logger:  logger,
+		Metrics: cmdMetrics,
+	}
 	srv.Routes(httpapi.Deps{
-		Kinds:    &templates.Kinds{},
-		Sealer:   sealer,
-		DB:       db,
-		Registry: registry,
-		Accounts: svc.accounts,
-		Identity: svc.identity,
-		Keys:     svc.identity,
-		Guard:    guard,
-		ACL:      registry.ACL.(*access.ACL),
-		Audit:    svc.audit,
+		Dispatcher: dispatcher,
+		Kinds:      &templates.Kinds{},
+		Sealer:     sealer,
+		DB:         db,
+		Registry:   registry,
+		Accounts:   svc.accounts,
+		Identity:   svc.identity,
+		Keys:       svc.identity,
+		Guard:      guard,
+		ACL:        registry.ACL.(*access.ACL),
+		Audit:      svc.audit,
 	})
 	logger.Info("starting", "settings", s)
 	return app.Serve(ctx, logger, stdout, "api", s.HTTPAddr, srv, s.ShutdownTimeout, nil)

@@ -1,5 +1,7 @@
-// Command scheduler fires cron schedules as commands and runs the reconciler that
-// heals what Redis lost. Any number of replicas may run; one leads at a time.
+// Command scheduler fires cron schedules as commands and runs the
+// reconciler that heals what Redis lost or a crash left behind. Any number
+// of replicas may run; one leads at a time (a Redis lease with a fencing
+// epoch), and each fire time becomes exactly one command whoever leads.
 // It serves /healthz, /readyz and /metrics on the scheduler address.
 package main
 
@@ -11,10 +13,16 @@ import (
 	"os"
 	"os/signal"
 	"syscall"
+	"time"
+
+	"github.com/hibiken/asynq"
 
 	"github.com/agentry/agentry/internal/app"
+	"github.com/agentry/agentry/internal/commands"
 	"github.com/agentry/agentry/internal/config"
+	"github.com/agentry/agentry/internal/events"
 	"github.com/agentry/agentry/internal/metrics"
+	"github.com/agentry/agentry/internal/schedule"
 )
 
 func main() {
@@ -45,7 +53,60 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 		return err
 	}
 	defer rdb.Close()
+
 	reg := metrics.New("scheduler", app.Version)
 	reg.RegisterDB(db.DB)
-	return app.Serve(ctx, logger, stdout, "scheduler", s.SchedulerAddr, app.OpsHandler(reg, app.Ready(db, rdb)), s.ShutdownTimeout, nil)
+	schedMetrics := metrics.NewScheduler(reg)
+	queueMetrics := metrics.NewQueue(reg)
+	queue := commands.NewQueue(asynq.NewClientFromRedisClient(rdb), s.RedisPrefix)
+	dispatcher := &commands.Dispatcher{
+		Store:  &commands.Store{DB: db, Limits: commands.Limits{OrgMaxInFlight: s.OrgMaxInFlight, OrgMaxQueued: s.OrgMaxQueued}},
+		Queue:  queue,
+		Events: events.NewBus(rdb, s.RedisPrefix, s.EventStreamMaxLen),
+		Logger: logger,
+	}
+	reconciler := &commands.Reconciler{
+		Dispatcher: dispatcher,
+		Redis:      rdb,
+		Inspector:  asynq.NewInspectorFromRedisClient(rdb),
+		Logger:     logger,
+		Metrics:    schedMetrics,
+		Interval:   s.ReconcileInterval,
+		Retention:  s.CommandRetention,
+	}
+	firer := &schedule.Firer{DB: db, Dispatcher: dispatcher, Logger: logger, Metrics: schedMetrics, Tick: time.Second}
+	leader := schedule.NewLeader(rdb, s.RedisPrefix, 10*time.Second, logger)
+	leader.OnChange = func(leading bool, epoch int64) {
+		if leading {
+			schedMetrics.Leader.Set(1)
+			return
+		}
+		schedMetrics.Leader.Set(0)
+		queueMetrics.Clear()
+	}
+	campaign := make(chan struct{})
+	go func() {
+		defer close(campaign)
+		leader.Run(ctx, func(ctx context.Context) {
+			_ = reconciler.Start(ctx)
+			_ = firer.Start(ctx)
+			t := time.NewTicker(10 * time.Second)
+			defer t.Stop()
+			for {
+				if stats, err := commands.Stats(ctx, rdb, dispatcher.Store, queue.Name()); err == nil {
+					queueMetrics.Set(stats)
+				}
+				select {
+				case <-ctx.Done():
+					firer.Stop()
+					reconciler.Stop()
+					return
+				case <-t.C:
+				}
+			}
+		})
+	}()
+	err = app.Serve(ctx, logger, stdout, "scheduler", s.SchedulerAddr, app.OpsHandler(reg, app.Ready(db, rdb)), s.ShutdownTimeout, nil)
+	<-campaign
+	return err
 }

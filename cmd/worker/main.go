@@ -1,21 +1,32 @@
 // Command worker runs agent commands: an Asynq server executing the task
 // handlers registered in tasks/, reporting progress to Postgres and Redis.
-// It serves /healthz, /readyz and /metrics on the worker address and drains
-// running commands on SIGTERM.
+// It serves /healthz, /readyz and /metrics on the worker address, and on
+// SIGTERM it drains: it takes no new work, lets running commands finish
+// within the shutdown timeout and hands the rest back to the queue.
 package main
 
 import (
 	"context"
+	"crypto/rand"
+	"encoding/hex"
 	"errors"
 	"fmt"
 	"io"
 	"os"
 	"os/signal"
 	"syscall"
+	"time"
+
+	"github.com/hibiken/asynq"
 
 	"github.com/agentry/agentry/internal/app"
+	"github.com/agentry/agentry/internal/commands"
 	"github.com/agentry/agentry/internal/config"
+	"github.com/agentry/agentry/internal/egress"
+	"github.com/agentry/agentry/internal/events"
 	"github.com/agentry/agentry/internal/metrics"
+	"github.com/agentry/agentry/internal/secrets"
+	"github.com/agentry/agentry/internal/sqlq"
 )
 
 func main() {
@@ -46,7 +57,76 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 		return err
 	}
 	defer rdb.Close()
+	key, err := s.SecretsKeyBytes()
+	if err != nil {
+		return err
+	}
+	sealer, err := secrets.New(key)
+	if err != nil {
+		return err
+	}
+	guard, err := egress.New(s.EgressAllowCIDRs, s.EgressMaxBytes, s.EgressTimeout)
+	if err != nil {
+		return err
+	}
+
 	reg := metrics.New("worker", app.Version)
 	reg.RegisterDB(db.DB)
-	return app.Serve(ctx, logger, stdout, "worker", s.WorkerAddr, app.OpsHandler(reg, app.Ready(db, rdb)), s.ShutdownTimeout, nil)
+	cmdMetrics := metrics.NewCommands(reg)
+	commands.SetTransient(sqlq.IsUnavailable)
+	queue := commands.NewQueue(asynq.NewClientFromRedisClient(rdb), s.RedisPrefix)
+	dispatcher := &commands.Dispatcher{
+		Store:   &commands.Store{DB: db, Limits: commands.Limits{OrgMaxInFlight: s.OrgMaxInFlight, OrgMaxQueued: s.OrgMaxQueued}},
+		Queue:   queue,
+		Events:  events.NewBus(rdb, s.RedisPrefix, s.EventStreamMaxLen),
+		Logger:  logger,
+		Metrics: cmdMetrics,
+	}
+	runner := &commands.Runner{
+		Dispatcher: dispatcher,
+		Sealer:     sealer,
+		Egress:     guard,
+		Logger:     logger,
+		Metrics:    cmdMetrics,
+		WorkerID:   workerID(),
+		Heartbeat:  s.WorkerHeartbeat,
+	}
+	if err := runner.Start(ctx); err != nil {
+		return err
+	}
+	defer runner.Stop()
+
+	srv := asynq.NewServerFromRedisClient(rdb, asynq.Config{
+		Concurrency:       s.WorkerConcurrency,
+		Queues:            map[string]int{queue.Name(): 1},
+		TaskCheckInterval: s.QueuePollInterval,
+		ShutdownTimeout:   s.ShutdownTimeout,
+		Logger:            app.AsynqLogger{L: logger},
+		LogLevel:          asynq.WarnLevel,
+		// Only an unreachable Postgres makes a command task fail in Asynq:
+		// retry it soon. Commands' own retries are the pipeline's.
+		RetryDelayFunc: func(n int, _ error, _ *asynq.Task) time.Duration {
+			return min(time.Duration(n)*time.Second, 10*time.Second)
+		},
+	})
+	mux := asynq.NewServeMux()
+	mux.HandleFunc(commands.TaskType, runner.ProcessTask)
+	if err := srv.Start(mux); err != nil {
+		return fmt.Errorf("asynq: %w", err)
+	}
+	logger.Info("started", "worker_id", runner.WorkerID, "concurrency", s.WorkerConcurrency, "queue", queue.Name())
+	return app.Serve(ctx, logger, stdout, "worker", s.WorkerAddr, app.OpsHandler(reg, app.Ready(db, rdb)), s.ShutdownTimeout+5*time.Second,
+		func(context.Context) {
+			logger.Info("draining: no new commands; waiting for running ones", "timeout", s.ShutdownTimeout.String())
+			srv.Shutdown()
+			runner.Stop()
+		})
+}
+
+// workerID names this process in the commands it runs.
+func workerID() string {
+	host, _ := os.Hostname()
+	var b [4]byte
+	_, _ = rand.Read(b[:])
+	return fmt.Sprintf("%s-%d-%s", host, os.Getpid(), hex.EncodeToString(b[:]))
 }

@@ -78,6 +78,7 @@ type Settings struct {
 	WorkerConcurrency     int           `setting:"worker_concurrency"`
 	QueuePollInterval     time.Duration `setting:"queue_poll_interval"`
 	OrgMaxInFlight        int           `setting:"org_max_in_flight"`
+	OrgMaxQueued          int           `setting:"org_max_queued"`
 	CommandTimeout        time.Duration `setting:"command_timeout"`
 	CommandMaxRetries     int           `setting:"command_max_retries"`
 	ReconcileInterval     time.Duration `setting:"reconcile_interval"`
@@ -130,6 +131,7 @@ func Defaults(env string) Settings {
 		WorkerConcurrency:     20,
 		QueuePollInterval:     5 * time.Millisecond,
 		OrgMaxInFlight:        100,
+		OrgMaxQueued:          20,
 		CommandTimeout:        5 * time.Minute,
 		CommandMaxRetries:     3,
 		ReconcileInterval:     5 * time.Second,
@@ -317,7 +319,7 @@ func (s *Settings) validate(explicit map[string]bool) []string {
 		n    int64
 	}{
 		{"max_body_bytes", s.MaxBodyBytes}, {"db_max_open_conns", int64(s.DBMaxOpenConns)},
-		{"worker_concurrency", int64(s.WorkerConcurrency)}, {"org_max_in_flight", int64(s.OrgMaxInFlight)},
+		{"worker_concurrency", int64(s.WorkerConcurrency)}, {"org_max_in_flight", int64(s.OrgMaxInFlight)}, {"org_max_queued", int64(s.OrgMaxQueued)},
 		{"event_stream_max_len", s.EventStreamMaxLen}, {"egress_max_bytes", s.EgressMaxBytes},
 		{"login_max_failures", int64(s.LoginMaxFailures)}, {"websocket_send_queue", int64(s.WebSocketSendQueue)},
 		{"shutdown_timeout", int64(s.ShutdownTimeout)}, {"access_token_ttl", int64(s.AccessTokenTTL)},

@@ -6,6 +6,7 @@ import (
 	"github.com/jmoiron/sqlx"
 
 	"github.com/agentry/agentry/internal/access"
+	"github.com/agentry/agentry/internal/commands"
 	"github.com/agentry/agentry/internal/crud"
 	"github.com/agentry/agentry/internal/platform"
 	"github.com/agentry/agentry/internal/secrets"
@@ -27,6 +28,8 @@ type Deps struct {
 	Kinds *templates.Kinds
 	// Sealer encrypts environment secrets.
 	Sealer *secrets.Sealer
+	// Dispatcher accepts commands.
+	Dispatcher *commands.Dispatcher
 }
 
 // Routes registers the whole API surface on s. Every operation of the
@@ -45,6 +48,7 @@ func (s *Server) Routes(d Deps) {
 		ref := a.Ref(AgentScope.Type)
 		return &ref, nil
 	})
+	s.commandRoutes(d, res)
 	s.aclRoutes(d)
 	s.auditRoutes(d)
 }

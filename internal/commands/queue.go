@@ -1,0 +1,93 @@
+// Package commands is agentry's command pipeline: dispatching commands to
+// agents, admitting them from the PostgreSQL backlog to the Asynq queue
+// within each agent's and organization's limits, running them on workers
+// with progress and reliable cancellation, and reconciling what a crash or
+// a Redis flush left behind.
+//
+// PostgreSQL is the truth. A command is queued in Postgres first; admission
+// marks it admitted and enqueues an Asynq task whose id is the command id
+// and the attempt it may claim ("id:attempt"). A worker claims an attempt
+// with a conditional UPDATE (the fence): it writes progress and the outcome
+// only while it holds that attempt, so a stale worker can never end a
+// command twice, and two deliveries of one task never run the same attempt.
+package commands
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/hibiken/asynq"
+)
+
+// TaskType is the Asynq task type of every command; the task only names the
+// command and attempt, the rest is read from Postgres.
+const TaskType = "agentry:command"
+
+// taskPayload is the Asynq task payload.
+type taskPayload struct {
+	ID      string `json:"id"`
+	Attempt int    `json:"attempt"`
+}
+
+// Queue enqueues command attempts.
+type Queue struct {
+	client *asynq.Client
+	name   string
+}
+
+// QueueName is the Asynq queue of an installation's commands.
+func QueueName(prefix string) string { return prefix + "-commands" }
+
+// NewQueue returns a queue on an Asynq client.
+func NewQueue(client *asynq.Client, prefix string) *Queue {
+	return &Queue{client: client, name: QueueName(prefix)}
+}
+
+// Name is the Asynq queue name.
+func (q *Queue) Name() string { return q.name }
+
+// TaskID is the Asynq task id of an attempt of a command.
+func TaskID(commandID string, attempt int) string { return commandID + ":" + strconv.Itoa(attempt) }
+
+// ParseTaskID splits a task id.
+func ParseTaskID(id string) (string, int, bool) {
+	cmd, n, ok := strings.Cut(id, ":")
+	attempt, err := strconv.Atoi(n)
+	return cmd, attempt, ok && err == nil
+}
+
+// Enqueue hands attempt of command id to the workers, after delay. A task
+// that is already queued is not an error: the queue deduplicates by id.
+func (q *Queue) Enqueue(ctx context.Context, id string, attempt int, timeout, delay time.Duration) error {
+	payload, _ := json.Marshal(taskPayload{ID: id, Attempt: attempt})
+	opts := []asynq.Option{
+		asynq.Queue(q.name),
+		asynq.TaskID(TaskID(id, attempt)),
+		asynq.MaxRetry(0),
+		// The worker enforces the command's timeout; this is a backstop.
+		asynq.Timeout(timeout + time.Minute),
+	}
+	if delay > 0 {
+		opts = append(opts, asynq.ProcessIn(delay))
+	}
+	_, err := q.client.EnqueueContext(ctx, asynq.NewTask(TaskType, payload), opts...)
+	if errors.Is(err, asynq.ErrTaskIDConflict) {
+		return nil
+	}
+	if err != nil {
+		return fmt.Errorf("enqueue %s: %w", TaskID(id, attempt), err)
+	}
+	return nil
+}
+
+// TaskKey is the Redis key Asynq keeps a task under (Asynq 0.26's layout:
+// asynq:{queue}:t:<id>). The reconciler checks it to find commands Redis
+// no longer holds.
+func (q *Queue) TaskKey(id string, attempt int) string {
+	return "asynq:{" + q.name + "}:t:" + TaskID(id, attempt)
+}

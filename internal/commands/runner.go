@@ -1,0 +1,464 @@
+package commands
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"log/slog"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/hibiken/asynq"
+
+	"github.com/agentry/agentry/internal/events"
+	"github.com/agentry/agentry/internal/platform"
+	"github.com/agentry/agentry/internal/secrets"
+	"github.com/agentry/agentry/tasks"
+)
+
+// Why a command's context ended, as its cause.
+var (
+	errCanceled = errors.New("canceled by request")
+	errTimeout  = errors.New("timed out")
+)
+
+// maxResult is the largest result a command may return.
+const maxResult = 1 << 20
+
+// Runner is the worker side of the pipeline: the Asynq handler of command
+// tasks, the heartbeat that keeps its leases and hears cancellations, and
+// the progress reporters of the commands it runs.
+type Runner struct {
+	Dispatcher *Dispatcher
+	Sealer     *secrets.Sealer
+	Egress     tasks.Egress
+	Logger     *slog.Logger
+	Metrics    Metrics
+	// WorkerID names this worker process in the commands it runs.
+	WorkerID string
+	// Heartbeat is how often leases are renewed; a lease lasts three.
+	Heartbeat time.Duration
+	// ProgressEvery throttles progress writes (default 250ms).
+	ProgressEvery time.Duration
+	// OnFinish is told of every command that ended (notifications).
+	OnFinish func(ctx context.Context, c *platform.Command)
+
+	mu      sync.Mutex
+	running map[string]*execution
+	wg      sync.WaitGroup
+
+	stopOnce sync.Once
+	cancel   context.CancelFunc
+	done     chan struct{}
+}
+
+type execution struct {
+	attempt int
+	cancel  context.CancelCauseFunc
+}
+
+func (r *Runner) store() *Store { return r.Dispatcher.Store }
+
+func (r *Runner) lease() time.Duration { return 3 * r.Heartbeat }
+
+// Start runs the heartbeat and the cancellation listener until Stop.
+func (r *Runner) Start(ctx context.Context) error {
+	r.mu.Lock()
+	if r.running == nil {
+		r.running = map[string]*execution{}
+	}
+	r.mu.Unlock()
+	if r.ProgressEvery == 0 {
+		r.ProgressEvery = 250 * time.Millisecond
+	}
+	ctx, r.cancel = context.WithCancel(ctx)
+	r.done = make(chan struct{})
+	signals, err := r.Dispatcher.Events.Signals(ctx, CancelChannel)
+	if err != nil {
+		r.cancel()
+		close(r.done)
+		return fmt.Errorf("cancel signals: %w", err)
+	}
+	go func() {
+		defer close(r.done)
+		t := time.NewTicker(r.Heartbeat)
+		defer t.Stop()
+		for {
+			select {
+			case <-ctx.Done():
+				return
+			case id, ok := <-signals:
+				if !ok {
+					signals = nil
+					continue
+				}
+				r.stop(id)
+			case <-t.C:
+				r.heartbeat(ctx)
+			}
+		}
+	}()
+	return nil
+}
+
+// Stop ends the heartbeat, after the commands still running have been
+// handed back (Asynq's shutdown waits for them first). It is idempotent.
+func (r *Runner) Stop() {
+	r.stopOnce.Do(func() {
+		r.wg.Wait()
+		if r.cancel != nil {
+			r.cancel()
+			<-r.done
+		}
+	})
+}
+
+// stop cancels a command this worker runs.
+func (r *Runner) stop(id string) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if e, ok := r.running[id]; ok {
+		e.cancel(errCanceled)
+	}
+}
+
+func (r *Runner) heartbeat(ctx context.Context) {
+	r.mu.Lock()
+	ids := make([]string, 0, len(r.running))
+	for id := range r.running {
+		ids = append(ids, id)
+	}
+	r.mu.Unlock()
+	if len(ids) == 0 {
+		return
+	}
+	cancel, err := r.store().Heartbeat(ctx, r.WorkerID, ids, r.lease())
+	if err != nil {
+		r.Logger.WarnContext(ctx, "heartbeat failed", "err", err)
+		return
+	}
+	for _, id := range cancel {
+		r.stop(id)
+	}
+}
+
+// ProcessTask is the Asynq handler of command tasks. It returns an error
+// only when Postgres cannot be reached, so that Asynq tries again; every
+// outcome of the command itself is recorded in Postgres.
+func (r *Runner) ProcessTask(ctx context.Context, t *asynq.Task) error {
+	var p taskPayload
+	if err := json.Unmarshal(t.Payload(), &p); err != nil || p.ID == "" {
+		return fmt.Errorf("malformed command task: %w", asynq.SkipRetry)
+	}
+	c, err := r.store().Claim(ctx, p.ID, p.Attempt, r.WorkerID, r.lease())
+	if err != nil {
+		return fmt.Errorf("claim %s: %w", TaskID(p.ID, p.Attempt), err)
+	}
+	if c == nil {
+		return nil // not this attempt's to run: claimed, cancelled or finished already
+	}
+	r.wg.Add(1)
+	defer r.wg.Done()
+	if r.Metrics != nil {
+		since := c.CreatedAt
+		if c.AdmittedAt != nil && c.Attempt > 1 {
+			since = *c.AdmittedAt
+		}
+		r.Metrics.Started(c.Task, time.Since(since))
+	}
+	publishCommand(ctx, r.Dispatcher.Events, r.Logger, "command.running", &c.Command)
+	r.wg.Add(1)
+	go func() {
+		defer r.wg.Done()
+		r.Dispatcher.Admit(context.WithoutCancel(ctx), c.AgentID) // a queue slot of the organization freed
+	}()
+
+	started := time.Now()
+	outcome := r.execute(ctx, c)
+	r.finish(ctx, c, outcome, time.Since(started))
+	return nil
+}
+
+// execute runs the handler of a claimed command and says how it ended.
+func (r *Runner) execute(ctx context.Context, c *Claimed) Outcome {
+	def, ok := tasks.Lookup(c.Task)
+	if !ok {
+		return failure(fmt.Sprintf("this worker has no task %q", c.Task))
+	}
+	run := &tasks.Run{CommandID: c.ID, AgentID: c.AgentID, OrgID: c.OrgID, Attempt: c.Attempt,
+		Config: c.AgentConfig, Variables: map[string]string{}, Secrets: map[string]string{}, Egress: r.Egress}
+	if c.AgentEnvironmentID != nil {
+		if err := r.loadEnvironment(ctx, *c.AgentEnvironmentID, run); err != nil {
+			r.Logger.WarnContext(ctx, "environment not loaded", "command_id", c.ID, "err", err)
+			return failure("the agent's environment could not be loaded")
+		}
+	}
+
+	runCtx, cancel := context.WithCancelCause(ctx)
+	defer cancel(nil)
+	runCtx, cancelTimeout := context.WithTimeoutCause(runCtx, time.Duration(c.TimeoutS)*time.Second, errTimeout)
+	defer cancelTimeout()
+	r.mu.Lock()
+	r.running[c.ID] = &execution{attempt: c.Attempt, cancel: cancel}
+	r.mu.Unlock()
+	defer func() {
+		r.mu.Lock()
+		delete(r.running, c.ID)
+		r.mu.Unlock()
+	}()
+
+	rep := r.newReporter(ctx, &c.Command)
+	run.Progress = rep
+	result, err := safeExecute(runCtx, def, run, c.Payload)
+	rep.close()
+
+	cause := context.Cause(runCtx)
+	switch {
+	case err == nil:
+		raw, merr := json.Marshal(result)
+		if merr != nil {
+			return failure("the result is not JSON: " + merr.Error())
+		}
+		if len(raw) > maxResult {
+			return failure(fmt.Sprintf("the result is %d bytes; at most %d", len(raw), maxResult))
+		}
+		return Outcome{Status: platform.CommandSucceeded, Event: "succeeded", Result: raw}
+	case errors.Is(cause, errCanceled):
+		msg := "canceled"
+		return Outcome{Status: platform.CommandCanceled, Event: "canceled", Error: &msg}
+	case errors.Is(err, asynq.SkipRetry) || errors.Is(err, tasks.ErrBadPayload):
+		return failure(cleanError(err))
+	case errors.Is(cause, errTimeout):
+		return r.retryable(c, def, fmt.Sprintf("timed out after %ds", c.TimeoutS))
+	case ctx.Err() != nil:
+		// The worker is shutting down: hand the command back, untried.
+		return Outcome{Status: platform.CommandQueued, Event: "requeued"}
+	default:
+		return r.retryable(c, def, cleanError(err))
+	}
+}
+
+// safeExecute runs the handler, turning a panic into a failed attempt.
+func safeExecute(ctx context.Context, def *tasks.Definition, run *tasks.Run, payload json.RawMessage) (result any, err error) {
+	defer func() {
+		if rec := recover(); rec != nil {
+			err = fmt.Errorf("the task panicked: %v", rec)
+		}
+	}()
+	return def.Execute(ctx, run, payload)
+}
+
+// failure is the outcome of an attempt that must not be retried.
+func failure(msg string) Outcome {
+	return Outcome{Status: platform.CommandFailed, Event: "failed", Error: &msg, Failed: true}
+}
+
+// retryable is the outcome of a failed attempt: a retry after the task's
+// backoff while retries remain, else failed.
+func (r *Runner) retryable(c *Claimed, def *tasks.Definition, msg string) Outcome {
+	if c.Failures+1 > c.MaxRetries {
+		return Outcome{Status: platform.CommandFailed, Event: "failed", Error: &msg, Failed: true}
+	}
+	at := time.Now().Add(def.Backoff(c.Failures + 1))
+	return Outcome{Status: platform.CommandQueued, Event: "retrying", Error: &msg, Failed: true, NotBefore: &at}
+}
+
+func cleanError(err error) string {
+	msg := err.Error()
+	msg = strings.TrimSuffix(msg, ": "+asynq.SkipRetry.Error())
+	if len(msg) > 4000 {
+		msg = msg[:4000]
+	}
+	return msg
+}
+
+// finish records the outcome (retrying while Postgres is unreachable),
+// publishes it, re-enqueues a retry and admits the agent's next command.
+func (r *Runner) finish(ctx context.Context, c *Claimed, o Outcome, ran time.Duration) {
+	wctx := context.WithoutCancel(ctx)
+	var done *platform.Command
+	err := retryDB(wctx, 30*time.Second, func() error {
+		var err error
+		done, err = r.store().Finish(wctx, c.ID, c.Attempt, o)
+		return err
+	})
+	if err != nil {
+		r.Logger.ErrorContext(ctx, "outcome not recorded; the lease will expire and the command run again", "command_id", c.ID, "attempt", c.Attempt, "err", err)
+		return
+	}
+	if done == nil {
+		r.Logger.WarnContext(ctx, "outcome refused: this worker no longer holds the attempt", "command_id", c.ID, "attempt", c.Attempt)
+		return
+	}
+	if r.Metrics != nil {
+		switch o.Event {
+		case "retrying":
+			r.Metrics.Retried(c.Task)
+		case "requeued":
+		default:
+			r.Metrics.Finished(c.Task, o.Status, ran)
+		}
+	}
+	publishCommand(wctx, r.Dispatcher.Events, r.Logger, "command."+o.Event, done)
+	if done.Status == platform.CommandQueued {
+		var delay time.Duration
+		if o.NotBefore != nil {
+			delay = time.Until(*o.NotBefore)
+		}
+		if err := r.Dispatcher.Queue.Enqueue(wctx, done.ID, done.Attempt+1, time.Duration(done.TimeoutS)*time.Second, delay); err != nil {
+			r.Logger.WarnContext(ctx, "retry not enqueued; the reconciler will", "command_id", done.ID, "err", err)
+		}
+		return
+	}
+	if r.OnFinish != nil {
+		r.OnFinish(wctx, done)
+	}
+	if r.Dispatcher.Admit(wctx, done.AgentID) == 0 {
+		r.Dispatcher.AdmitOrg(wctx, done.OrgID)
+	}
+}
+
+// retryDB runs fn until it succeeds, or fails with anything but an
+// unreachable database, or the time is up.
+func retryDB(ctx context.Context, within time.Duration, fn func() error) error {
+	deadline := time.Now().Add(within)
+	wait := 100 * time.Millisecond
+	for {
+		err := fn()
+		if err == nil || time.Now().After(deadline) || !transient(err) {
+			return err
+		}
+		t := time.NewTimer(wait)
+		select {
+		case <-ctx.Done():
+			t.Stop()
+			return err
+		case <-t.C:
+		}
+		wait = min(2*wait, 2*time.Second)
+	}
+}
+
+// transient is set by the worker to recognise an unreachable database.
+var transient = func(err error) bool { return true }
+
+// SetTransient installs the classifier of retryable database errors.
+func SetTransient(fn func(error) bool) { transient = fn }
+
+func (r *Runner) loadEnvironment(ctx context.Context, id string, run *tasks.Run) error {
+	env, err := r.store().Environment(ctx, id)
+	if err != nil || env == nil {
+		return err
+	}
+	run.Variables = env.Variables()
+	for name, sealed := range env.Secrets {
+		s, ok := sealed.(string)
+		if !ok {
+			continue
+		}
+		value, err := r.Sealer.Open(env.ID, name, s)
+		if err != nil {
+			return fmt.Errorf("secret %s: %w", name, err)
+		}
+		run.Secrets[name] = value
+	}
+	return nil
+}
+
+// reporter throttles a handler's progress: the latest report and the log
+// lines are written and published at most every ProgressEvery.
+type reporter struct {
+	r       *Runner
+	ctx     context.Context
+	cmd     *platform.Command
+	mu      sync.Mutex
+	percent int
+	message string
+	dirty   bool
+	lines   []string
+	dropped int
+	stop    chan struct{}
+	done    chan struct{}
+}
+
+func (r *Runner) newReporter(ctx context.Context, c *platform.Command) *reporter {
+	rep := &reporter{r: r, ctx: context.WithoutCancel(ctx), cmd: c, percent: c.Progress, stop: make(chan struct{}), done: make(chan struct{})}
+	go rep.loop()
+	return rep
+}
+
+func (rep *reporter) Report(percent int, message string) {
+	percent = max(0, min(100, percent))
+	if len(message) > 1000 {
+		message = message[:1000]
+	}
+	rep.mu.Lock()
+	rep.percent, rep.message, rep.dirty = percent, message, true
+	rep.mu.Unlock()
+}
+
+func (rep *reporter) Log(line string) {
+	if len(line) > 2000 {
+		line = line[:2000]
+	}
+	rep.mu.Lock()
+	if len(rep.lines) < 100 {
+		rep.lines = append(rep.lines, line)
+	} else {
+		rep.dropped++
+	}
+	rep.mu.Unlock()
+}
+
+func (rep *reporter) loop() {
+	defer close(rep.done)
+	t := time.NewTicker(rep.r.ProgressEvery)
+	defer t.Stop()
+	for {
+		select {
+		case <-rep.stop:
+			rep.flush()
+			return
+		case <-t.C:
+			rep.flush()
+		}
+	}
+}
+
+func (rep *reporter) close() {
+	close(rep.stop)
+	<-rep.done
+}
+
+func (rep *reporter) flush() {
+	rep.mu.Lock()
+	percent, message, dirty := rep.percent, rep.message, rep.dirty
+	lines, dropped := rep.lines, rep.dropped
+	rep.dirty, rep.lines, rep.dropped = false, nil, 0
+	rep.mu.Unlock()
+	if dropped > 0 {
+		lines = append(lines, fmt.Sprintf("(%d more lines dropped: logging too fast)", dropped))
+	}
+	if !dirty && len(lines) == 0 {
+		return
+	}
+	ok, err := rep.r.store().Progress(rep.ctx, rep.cmd.ID, rep.cmd.Attempt, percent, message, lines)
+	if err != nil || !ok {
+		return
+	}
+	rep.cmd.Progress, rep.cmd.Message = percent, message
+	typ := "command.progress"
+	data := any(SnapshotOf(rep.cmd))
+	if len(lines) > 0 {
+		typ = "command.log"
+		data = struct {
+			Snapshot
+			Lines []string `json:"lines"`
+		}{SnapshotOf(rep.cmd), lines}
+	}
+	if err := rep.r.Dispatcher.Events.Publish(rep.ctx, typ, data, events.CommandTopic(rep.cmd.ID), events.AgentTopic(rep.cmd.AgentID)); err != nil {
+		rep.r.Logger.Warn("progress not published", "command_id", rep.cmd.ID, "err", err)
+	}
+}

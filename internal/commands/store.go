@@ -1,0 +1,375 @@
+package commands
+
+import (
+	"context"
+	"database/sql"
+	"encoding/json"
+	"errors"
+	"time"
+
+	"github.com/jmoiron/sqlx"
+	"github.com/lib/pq"
+
+	"github.com/agentry/agentry/internal/platform"
+	"github.com/agentry/agentry/internal/sqlq"
+)
+
+// Limits bound what one organization may have in flight.
+type Limits struct {
+	// OrgMaxInFlight caps an organization's admitted commands (waiting in the
+	// queue or running); an organization's own setting overrides it.
+	OrgMaxInFlight int
+	// OrgMaxQueued caps an organization's admitted commands not yet started,
+	// so that one organization's backlog never stands long in front of
+	// another's commands in the shared queue.
+	OrgMaxQueued int
+}
+
+// Store is the pipeline's SQL. Every write that changes a command's status
+// also records the event in command_events and sets the agent's status, in
+// the same statement.
+type Store struct {
+	DB     *sqlx.DB
+	Limits Limits
+}
+
+// Admitted is a command attempt handed to the queue.
+type Admitted struct {
+	ID       string `db:"id"`
+	Attempt  int    `db:"attempt"`
+	TimeoutS int    `db:"timeout_s"`
+}
+
+// agentStatus sets the status of the agent of done's commands from its
+// running commands (done being a CTE of changed commands).
+const agentStatus = `ag AS (
+	UPDATE agents a SET status = CASE
+		WHEN a.status = 'disabled' THEN 'disabled'
+		WHEN EXISTS (SELECT 1 FROM commands o WHERE o.agent_id = a.id AND o.status = 'running' AND o.id <> d.id) THEN 'busy'
+		WHEN d.status = 'failed' THEN 'error'
+		ELSE 'idle' END,
+		updated_at = now()
+	FROM done d WHERE a.id = d.agent_id)`
+
+// Insert stores a new queued command and its first event. With an
+// idempotency key already used by the same caller within 24 hours it stores
+// nothing and returns the earlier command (created false).
+func (s *Store) Insert(ctx context.Context, c *platform.Command) (stored *platform.Command, created bool, err error) {
+	for range 3 {
+		out := &platform.Command{}
+		// Inserts the command (skipping a used idempotency key) and its
+		// "queued" event; returns the stored command, or no row.
+		err := s.DB.GetContext(ctx, out, `WITH done AS (
+				INSERT INTO commands (id, org_id, owner_id, agent_id, task, payload, priority, timeout_s, max_retries, idempotency_key, request_hash, schedule_id, fire_time)
+				VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)
+				ON CONFLICT DO NOTHING
+				RETURNING *),
+			ev AS (INSERT INTO command_events (command_id, type, status) SELECT id, 'queued', status FROM done)
+			SELECT * FROM done`,
+			c.ID, c.OrgID, c.OwnerID, c.AgentID, c.Task, string(c.Payload), c.Priority, c.TimeoutS, c.MaxRetries,
+			c.IdempotencyKey, c.RequestHash, c.ScheduleID, c.FireTime)
+		if err == nil {
+			return out, true, nil
+		}
+		if !errors.Is(err, sql.ErrNoRows) {
+			return nil, false, sqlq.MapError(err, "command not found")
+		}
+		if c.IdempotencyKey == nil {
+			return nil, false, nil // a schedule fire time that was already fired
+		}
+		prev := &platform.Command{}
+		err = s.DB.GetContext(ctx, prev, `SELECT * FROM commands WHERE org_id = $1 AND owner_id = $2 AND idempotency_key = $3`, c.OrgID, c.OwnerID, *c.IdempotencyKey)
+		if errors.Is(err, sql.ErrNoRows) {
+			continue // the key was released meanwhile
+		}
+		if err != nil {
+			return nil, false, err
+		}
+		if time.Since(prev.CreatedAt) < 24*time.Hour {
+			return prev, false, nil
+		}
+		// The key is older than a day: release it and insert again.
+		if _, err := s.DB.ExecContext(ctx, "UPDATE commands SET idempotency_key = NULL WHERE id = $1", prev.ID); err != nil {
+			return nil, false, err
+		}
+	}
+	return nil, false, platform.Errorf(platform.ECONFLICT, "the idempotency key is in use by a concurrent request; retry")
+}
+
+// AdmitAgent admits what it can of an agent's backlog.
+func (s *Store) AdmitAgent(ctx context.Context, agentID string) ([]Admitted, error) {
+	var out []Admitted
+	// Admits the agent's waiting commands within its and its
+	// organization's limits; returns them with their timeouts.
+	err := s.DB.SelectContext(ctx, &out, `SELECT a.id, a.attempt, c.timeout_s
+		FROM admit_commands($1, COALESCE((SELECT o.org_max_in_flight FROM organizations o JOIN agents g ON g.org_id = o.id WHERE g.id = $1), $2), $3) a
+		JOIN commands c ON c.id = a.id`, agentID, s.Limits.OrgMaxInFlight, s.Limits.OrgMaxQueued)
+	return out, err
+}
+
+// WaitingAgents lists agents with a backlog: of one organization, or of all
+// when orgID is "".
+func (s *Store) WaitingAgents(ctx context.Context, orgID string, limit int) ([]string, error) {
+	var out []string
+	if orgID == "" {
+		err := s.DB.SelectContext(ctx, &out, `SELECT DISTINCT agent_id FROM commands WHERE status = 'queued' AND admitted_at IS NULL LIMIT $1`, limit)
+		return out, err
+	}
+	err := s.DB.SelectContext(ctx, &out, `SELECT DISTINCT agent_id FROM commands WHERE org_id = $1 AND status = 'queued' AND admitted_at IS NULL LIMIT $2`, orgID, limit)
+	return out, err
+}
+
+// Claim makes attempt of command id running on worker, if the command is
+// queued for exactly that attempt and not cancelled. It returns the command
+// with its agent's config and environment, or nil when there is nothing to
+// run (already claimed, cancelled, finished).
+func (s *Store) Claim(ctx context.Context, id string, attempt int, worker string, lease time.Duration) (*Claimed, error) {
+	out := &Claimed{}
+	// Fences the attempt: only a queued command at attempt-1 becomes running;
+	// records the event and makes the agent busy. Returns the command with
+	// the agent's config and environment id.
+	err := s.DB.GetContext(ctx, out, `WITH done AS (
+			UPDATE commands SET status = 'running', attempt = $2, worker_id = $3, lease_until = now() + $4 * interval '1 millisecond',
+				started_at = COALESCE(started_at, now()), not_before = NULL, updated_at = now(), version = version + 1
+			WHERE id = $1 AND status = 'queued' AND attempt = $2 - 1 AND cancel_requested_at IS NULL AND admitted_at IS NOT NULL
+			RETURNING *),
+		ev AS (INSERT INTO command_events (command_id, type, status, attempt) SELECT id, 'running', status, attempt FROM done),
+		ag AS (UPDATE agents a SET status = 'busy', updated_at = now() FROM done d WHERE a.id = d.agent_id AND a.status NOT IN ('busy', 'disabled'))
+		SELECT done.*, g.config AS agent_config, g.environment_id AS agent_environment_id FROM done JOIN agents g ON g.id = done.agent_id`,
+		id, attempt, worker, lease.Milliseconds())
+	if errors.Is(err, sql.ErrNoRows) {
+		return nil, nil
+	}
+	return out, err
+}
+
+// Claimed is a command a worker runs, with what the handler needs.
+type Claimed struct {
+	platform.Command
+	AgentConfig        platform.JSONObject `db:"agent_config"`
+	AgentEnvironmentID *string             `db:"agent_environment_id"`
+}
+
+// Outcome is how an attempt ended.
+type Outcome struct {
+	Status string // succeeded, failed, canceled, or queued (retry or hand-back)
+	Event  string // the event type: succeeded, failed, canceled, retrying, requeued
+	Result json.RawMessage
+	Error  *string
+	// Failed counts the attempt as a failure.
+	Failed bool
+	// NotBefore delays a retry.
+	NotBefore *time.Time
+}
+
+// Finish records the outcome of the attempt a worker holds. It returns nil
+// when the worker no longer holds it (the fence: a stale worker's late
+// write is refused).
+func (s *Store) Finish(ctx context.Context, id string, attempt int, o Outcome) (*platform.Command, error) {
+	failed := 0
+	if o.Failed {
+		failed = 1
+	}
+	var result any
+	if o.Result != nil {
+		result = string(o.Result)
+	}
+	out := &platform.Command{}
+	// Writes the outcome only for the attempt the worker holds; records the
+	// event and recomputes the agent's status. Returns the command.
+	err := s.DB.GetContext(ctx, out, `WITH done AS (
+			UPDATE commands SET status = $3, result = COALESCE($4::jsonb, result), error = COALESCE($5, error), failures = failures + $6,
+				progress = CASE WHEN $3 = 'succeeded' THEN 100 ELSE progress END,
+				finished_at = CASE WHEN $3 IN ('succeeded', 'failed', 'canceled') THEN now() END,
+				not_before = $7, worker_id = NULL, lease_until = NULL, updated_at = now(), version = version + 1
+			WHERE id = $1 AND attempt = $2 AND status = 'running'
+			RETURNING *),
+		ev AS (INSERT INTO command_events (command_id, type, status, attempt, progress, message, data)
+			SELECT id, $8, status, attempt, progress, COALESCE(error, ''), result FROM done),
+		`+agentStatus+`
+		SELECT * FROM done`,
+		id, attempt, o.Status, result, o.Error, failed, o.NotBefore, o.Event)
+	if errors.Is(err, sql.ErrNoRows) {
+		return nil, nil
+	}
+	return out, err
+}
+
+// Progress records a progress report of the attempt a worker holds; false
+// when it no longer holds it.
+func (s *Store) Progress(ctx context.Context, id string, attempt, percent int, message string, logLines []string) (bool, error) {
+	var data any
+	typ := "progress"
+	if len(logLines) > 0 {
+		raw, _ := json.Marshal(map[string]any{"lines": logLines})
+		data, typ = string(raw), "log"
+	}
+	var n int
+	// Updates the progress of the held attempt and records the event;
+	// returns how many commands changed (0 or 1).
+	err := s.DB.GetContext(ctx, &n, `WITH done AS (
+			UPDATE commands SET progress = $3, message = $4, updated_at = now()
+			WHERE id = $1 AND attempt = $2 AND status = 'running' RETURNING id, status, attempt, progress, message),
+		ev AS (INSERT INTO command_events (command_id, type, status, attempt, progress, message, data)
+			SELECT id, $5, status, attempt, progress, message, $6::jsonb FROM done)
+		SELECT count(*) FROM done`, id, attempt, percent, message, typ, data)
+	return n == 1, err
+}
+
+// Heartbeat extends the leases of a worker's running commands and returns
+// the ids of those whose cancellation was requested.
+func (s *Store) Heartbeat(ctx context.Context, worker string, ids []string, lease time.Duration) (cancel []string, err error) {
+	var rows []struct {
+		ID     string `db:"id"`
+		Cancel bool   `db:"cancel"`
+	}
+	// Extends the leases the worker holds; returns each with whether it
+	// should stop.
+	err = s.DB.SelectContext(ctx, &rows, `UPDATE commands SET lease_until = now() + $3 * interval '1 millisecond'
+		WHERE id = ANY($2::uuid[]) AND worker_id = $1 AND status = 'running'
+		RETURNING id, cancel_requested_at IS NOT NULL AS cancel`, worker, pq.Array(ids), lease.Milliseconds())
+	for _, r := range rows {
+		if r.Cancel {
+			cancel = append(cancel, r.ID)
+		}
+	}
+	return cancel, err
+}
+
+// Cancel cancels a queued command at once, or asks the worker running it
+// to stop. It returns the command and whether it was already finished.
+func (s *Store) Cancel(ctx context.Context, id string) (*platform.Command, error) {
+	out := &platform.Command{}
+	// Cancels a queued command outright (event, agent status); a running
+	// one is marked for its worker. Returns the command as it now is.
+	err := s.DB.GetContext(ctx, out, `WITH done AS (
+			UPDATE commands SET
+				status = CASE WHEN status = 'queued' THEN 'canceled' ELSE status END,
+				finished_at = CASE WHEN status = 'queued' THEN now() ELSE finished_at END,
+				cancel_requested_at = COALESCE(cancel_requested_at, now()), updated_at = now(), version = version + 1
+			WHERE id = $1 AND status IN ('queued', 'running')
+			RETURNING *),
+		ev AS (INSERT INTO command_events (command_id, type, status, attempt, progress)
+			SELECT id, CASE WHEN status = 'canceled' THEN 'canceled' ELSE 'cancel_requested' END, status, attempt, progress FROM done),
+		`+agentStatus+`
+		SELECT * FROM done`, id)
+	if errors.Is(err, sql.ErrNoRows) {
+		return nil, nil
+	}
+	return out, err
+}
+
+// Retry puts a failed command back in its agent's backlog.
+func (s *Store) Retry(ctx context.Context, id string) (*platform.Command, error) {
+	out := &platform.Command{}
+	// Re-queues a failed command with its failures forgotten; records the
+	// event. Returns the command, or no row if it is not failed.
+	err := s.DB.GetContext(ctx, out, `WITH done AS (
+			UPDATE commands SET status = 'queued', failures = 0, error = NULL, result = NULL, progress = 0, message = '',
+				admitted_at = NULL, not_before = NULL, finished_at = NULL, updated_at = now(), version = version + 1
+			WHERE id = $1 AND status = 'failed'
+			RETURNING *),
+		ev AS (INSERT INTO command_events (command_id, type, status, attempt) SELECT id, 'queued', status, attempt FROM done)
+		SELECT * FROM done`, id)
+	if errors.Is(err, sql.ErrNoRows) {
+		return nil, nil
+	}
+	return out, err
+}
+
+// ExpireLeases ends or re-queues the running commands whose worker stopped
+// renewing their lease: cancelled ones end canceled, ones out of retries end
+// failed, the rest go back to the queue for their next attempt.
+func (s *Store) ExpireLeases(ctx context.Context, limit int) ([]*platform.Command, error) {
+	var out []*platform.Command
+	// Takes running commands whose lease passed; returns them as changed.
+	err := s.DB.SelectContext(ctx, &out, `WITH expired AS (
+			SELECT id FROM commands WHERE status = 'running' AND lease_until < now() FOR UPDATE SKIP LOCKED LIMIT $1),
+		done AS (
+			UPDATE commands c SET
+				status = CASE WHEN c.cancel_requested_at IS NOT NULL THEN 'canceled'
+					WHEN c.failures + 1 > c.max_retries THEN 'failed' ELSE 'queued' END,
+				failures = c.failures + 1,
+				error = 'the worker running attempt ' || c.attempt || ' was lost',
+				finished_at = CASE WHEN c.cancel_requested_at IS NOT NULL OR c.failures + 1 > c.max_retries THEN now() END,
+				worker_id = NULL, lease_until = NULL, updated_at = now(), version = c.version + 1
+			FROM expired WHERE c.id = expired.id
+			RETURNING c.*),
+		ev AS (INSERT INTO command_events (command_id, type, status, attempt, progress, message)
+			SELECT id, CASE status WHEN 'queued' THEN 'retrying' ELSE status END, status, attempt, progress, error FROM done),
+		`+agentStatus+`
+		SELECT * FROM done`, limit)
+	return out, err
+}
+
+// Unqueued lists admitted, queued commands older than age, whose queue task
+// the reconciler should check still exists.
+func (s *Store) Unqueued(ctx context.Context, age time.Duration, limit int) ([]*platform.Command, error) {
+	var out []*platform.Command
+	err := s.DB.SelectContext(ctx, &out, `SELECT * FROM commands WHERE status = 'queued' AND admitted_at IS NOT NULL
+		AND admitted_at < now() - $1 * interval '1 millisecond' AND cancel_requested_at IS NULL
+		ORDER BY admitted_at LIMIT $2`, age.Milliseconds(), limit)
+	return out, err
+}
+
+// Events returns a command's history, oldest first.
+func (s *Store) Events(ctx context.Context, id string, after int64, limit int) ([]platform.CommandEvent, error) {
+	out := []platform.CommandEvent{}
+	err := s.DB.SelectContext(ctx, &out, `SELECT id, command_id, type, status, attempt, progress, message, data, created_at
+		FROM command_events WHERE command_id = $1 AND id > $2 ORDER BY id LIMIT $3`, id, after, limit)
+	return out, err
+}
+
+// Environment returns an environment's variables and sealed secrets.
+func (s *Store) Environment(ctx context.Context, id string) (*platform.Environment, error) {
+	e := &platform.Environment{}
+	err := s.DB.GetContext(ctx, e, `SELECT * FROM environments WHERE id = $1`, id)
+	if errors.Is(err, sql.ErrNoRows) {
+		return nil, nil
+	}
+	return e, err
+}
+
+// Sweep deletes finished commands older than retention and forgets
+// idempotency keys older than a day. It returns the rows deleted.
+func (s *Store) Sweep(ctx context.Context, retention time.Duration) (int64, error) {
+	if _, err := s.DB.ExecContext(ctx, `UPDATE commands SET idempotency_key = NULL
+		WHERE idempotency_key IS NOT NULL AND created_at < now() - interval '24 hours'`); err != nil {
+		return 0, err
+	}
+	res, err := s.DB.ExecContext(ctx, `DELETE FROM commands WHERE id IN (
+		SELECT id FROM commands WHERE finished_at < now() - $1 * interval '1 millisecond' LIMIT 10000)`, retention.Milliseconds())
+	if err != nil {
+		return 0, err
+	}
+	return res.RowsAffected()
+}
+
+// Healthy agents: statuses left wrong by a crash are recomputed.
+func (s *Store) FixAgentStatuses(ctx context.Context) error {
+	_, err := s.DB.ExecContext(ctx, `UPDATE agents a SET status = CASE
+			WHEN EXISTS (SELECT 1 FROM commands c WHERE c.agent_id = a.id AND c.status = 'running') THEN 'busy'
+			WHEN a.status = 'busy' THEN 'idle' ELSE a.status END
+		WHERE a.status <> 'disabled' AND a.status <> CASE
+			WHEN EXISTS (SELECT 1 FROM commands c WHERE c.agent_id = a.id AND c.status = 'running') THEN 'busy'
+			WHEN a.status = 'busy' THEN 'idle' ELSE a.status END`)
+	return err
+}
+
+// InFlight counts admitted commands per organization (for metrics).
+func (s *Store) InFlight(ctx context.Context) (map[string]int, int, error) {
+	var rows []struct {
+		OrgID string `db:"org_id"`
+		N     int    `db:"n"`
+	}
+	if err := s.DB.SelectContext(ctx, &rows, `SELECT org_id, count(*) AS n FROM commands WHERE admitted_at IS NOT NULL AND status IN ('queued', 'running') GROUP BY org_id`); err != nil {
+		return nil, 0, err
+	}
+	out := map[string]int{}
+	for _, r := range rows {
+		out[r.OrgID] = r.N
+	}
+	var waiting int
+	err := s.DB.GetContext(ctx, &waiting, `SELECT count(*) FROM commands WHERE status = 'queued' AND admitted_at IS NULL`)
+	return out, waiting, err
+}

@@ -1,0 +1,131 @@
+-- +goose Up
+-- Commands: what users dispatch to agents. PostgreSQL holds every command
+-- and its backlog; only admitted commands (admitted_at set) are handed to
+-- the queue, within each agent's concurrency and each organization's limits.
+CREATE TABLE IF NOT EXISTS commands (
+    id                  uuid PRIMARY KEY,
+    org_id              uuid NOT NULL REFERENCES organizations (id) ON DELETE CASCADE,
+    owner_id            uuid NOT NULL,
+    agent_id            uuid NOT NULL REFERENCES agents (id) ON DELETE CASCADE,
+    task                text NOT NULL,
+    payload             jsonb NOT NULL DEFAULT '{}',
+    status              text NOT NULL DEFAULT 'queued' CHECK (status IN ('queued', 'running', 'succeeded', 'failed', 'canceled')),
+    priority            integer NOT NULL DEFAULT 0,
+    timeout_s           integer NOT NULL,
+    max_retries         integer NOT NULL,
+    -- attempt numbers claims: a worker may write only for the attempt it claimed.
+    attempt             integer NOT NULL DEFAULT 0,
+    failures            integer NOT NULL DEFAULT 0,
+    progress            integer NOT NULL DEFAULT 0,
+    message             text NOT NULL DEFAULT '',
+    result              jsonb,
+    error               text,
+    idempotency_key     text,
+    request_hash        text,
+    schedule_id         uuid,
+    fire_time           timestamptz,
+    admitted_at         timestamptz,
+    not_before          timestamptz,
+    worker_id           text,
+    lease_until         timestamptz,
+    cancel_requested_at timestamptz,
+    started_at          timestamptz,
+    finished_at         timestamptz,
+    created_at          timestamptz NOT NULL DEFAULT now(),
+    updated_at          timestamptz NOT NULL DEFAULT now(),
+    version             bigint NOT NULL DEFAULT 1
+);
+CREATE UNIQUE INDEX IF NOT EXISTS commands_idempotency_key ON commands (org_id, owner_id, idempotency_key) WHERE idempotency_key IS NOT NULL;
+CREATE UNIQUE INDEX IF NOT EXISTS commands_schedule_fire_key ON commands (schedule_id, fire_time) WHERE schedule_id IS NOT NULL;
+CREATE INDEX IF NOT EXISTS commands_waiting_idx ON commands (agent_id, priority DESC, created_at, id) WHERE status = 'queued' AND admitted_at IS NULL;
+CREATE INDEX IF NOT EXISTS commands_waiting_org_idx ON commands (org_id) WHERE status = 'queued' AND admitted_at IS NULL;
+CREATE INDEX IF NOT EXISTS commands_inflight_idx ON commands (org_id, agent_id, status) WHERE admitted_at IS NOT NULL AND status IN ('queued', 'running');
+CREATE INDEX IF NOT EXISTS commands_lease_idx ON commands (lease_until) WHERE status = 'running';
+CREATE INDEX IF NOT EXISTS commands_org_created_idx ON commands (org_id, created_at);
+CREATE INDEX IF NOT EXISTS commands_agent_created_idx ON commands (agent_id, created_at);
+CREATE INDEX IF NOT EXISTS commands_finished_idx ON commands (finished_at) WHERE finished_at IS NOT NULL;
+
+-- Every transition and progress report of a command, in order.
+CREATE TABLE IF NOT EXISTS command_events (
+    id         bigserial PRIMARY KEY,
+    command_id uuid NOT NULL REFERENCES commands (id) ON DELETE CASCADE,
+    type       text NOT NULL,
+    status     text NOT NULL,
+    attempt    integer NOT NULL DEFAULT 0,
+    progress   integer NOT NULL DEFAULT 0,
+    message    text NOT NULL DEFAULT '',
+    data       jsonb,
+    created_at timestamptz NOT NULL DEFAULT now()
+);
+CREATE INDEX IF NOT EXISTS command_events_command_idx ON command_events (command_id, id);
+
+-- Schedules fire commands on a cron expression in a time zone.
+CREATE TABLE IF NOT EXISTS schedules (
+    id             uuid PRIMARY KEY,
+    org_id         uuid NOT NULL REFERENCES organizations (id) ON DELETE CASCADE,
+    owner_id       uuid NOT NULL,
+    agent_id       uuid NOT NULL REFERENCES agents (id) ON DELETE CASCADE,
+    name           text NOT NULL DEFAULT '',
+    task           text NOT NULL,
+    payload        jsonb NOT NULL DEFAULT '{}',
+    cron           text NOT NULL,
+    timezone       text NOT NULL DEFAULT 'UTC',
+    enabled        boolean NOT NULL DEFAULT true,
+    misfire_policy text NOT NULL DEFAULT 'skip' CHECK (misfire_policy IN ('skip', 'run_once')),
+    next_run_at    timestamptz,
+    last_run_at    timestamptz,
+    created_at     timestamptz NOT NULL DEFAULT now(),
+    updated_at     timestamptz NOT NULL DEFAULT now(),
+    version        bigint NOT NULL DEFAULT 1
+);
+CREATE INDEX IF NOT EXISTS schedules_due_idx ON schedules (next_run_at) WHERE enabled;
+
+-- admit_commands admits waiting commands of one agent: as many as the
+-- agent's max_concurrency, the organization's in-flight limit and its limit
+-- of commands waiting in the queue allow, oldest (highest priority) first.
+-- Takes the agent id and the two organization limits; returns the admitted
+-- commands' ids and attempts. Serialised per agent (row lock) and per
+-- organization (advisory lock), so limits hold across concurrent callers.
+-- +goose StatementBegin
+CREATE OR REPLACE FUNCTION admit_commands(p_agent uuid, p_org_limit integer, p_org_queued integer)
+RETURNS TABLE (id uuid, attempt integer) LANGUAGE plpgsql AS $$
+DECLARE
+    v_org uuid;
+    v_max integer;
+    v_status text;
+    v_agent_busy integer;
+    v_org_busy integer;
+    v_org_waiting integer;
+    v_free integer;
+BEGIN
+    SELECT a.org_id, GREATEST(COALESCE((a.config->>'max_concurrency')::integer, 1), 1), a.status
+      INTO v_org, v_max, v_status
+      FROM agents a WHERE a.id = p_agent FOR UPDATE;
+    IF NOT FOUND OR v_status = 'disabled' THEN
+        RETURN;
+    END IF;
+    PERFORM pg_advisory_xact_lock(hashtextextended('agentry:admit:' || v_org::text, 0));
+    SELECT count(*) INTO v_agent_busy FROM commands c
+     WHERE c.agent_id = p_agent AND c.admitted_at IS NOT NULL AND c.status IN ('queued', 'running');
+    SELECT count(*), count(*) FILTER (WHERE c.status = 'queued') INTO v_org_busy, v_org_waiting FROM commands c
+     WHERE c.org_id = v_org AND c.admitted_at IS NOT NULL AND c.status IN ('queued', 'running');
+    v_free := LEAST(v_max - v_agent_busy, p_org_limit - v_org_busy, p_org_queued - v_org_waiting);
+    IF v_free <= 0 THEN
+        RETURN;
+    END IF;
+    RETURN QUERY
+    UPDATE commands c SET admitted_at = now(), updated_at = now()
+     WHERE c.id IN (SELECT w.id FROM commands w
+                     WHERE w.agent_id = p_agent AND w.status = 'queued' AND w.admitted_at IS NULL
+                     ORDER BY w.priority DESC, w.created_at, w.id
+                     LIMIT v_free)
+    RETURNING c.id, c.attempt;
+END;
+$$;
+-- +goose StatementEnd
+
+-- +goose Down
+DROP FUNCTION IF EXISTS admit_commands(uuid, integer, integer);
+DROP TABLE IF EXISTS schedules;
+DROP TABLE IF EXISTS command_events;
+DROP TABLE IF EXISTS commands;

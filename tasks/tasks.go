@@ -1,0 +1,212 @@
+// Package tasks is agentry's public task registry: the commands agents can
+// run. Each task lives in one file of this package: a Type constant named
+// domain:verb, a payload struct, a NewXCommand constructor for clients and a
+// HandleX function for the worker, registered in the file's init. A
+// forking team adds a task by adding a file.
+//
+// A handler gets a context that is cancelled when the command is cancelled,
+// times out or the worker shuts down; the decoded payload; and a Run with the
+// agent's resolved config, its environment's variables and secrets, and a
+// progress reporter. Returning an error wrapping ErrBadPayload (or
+// asynq.SkipRetry) fails the command without retrying it.
+package tasks
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"math/rand/v2"
+	"net/http"
+	"reflect"
+	"sort"
+	"sync"
+	"time"
+
+	"github.com/hibiken/asynq"
+)
+
+// ErrBadPayload marks a payload that can never succeed: the command fails at
+// once, without retries.
+var ErrBadPayload = fmt.Errorf("bad payload: %w", asynq.SkipRetry)
+
+// Reporter tells the user how a command is doing. Updates are throttled:
+// a chatty handler cannot flood the database or the event stream.
+type Reporter interface {
+	// Report sets the progress (0–100) and a short message.
+	Report(percent int, message string)
+	// Log appends a line to the command's log.
+	Log(line string)
+}
+
+// Run is what a handler knows of the command it runs.
+type Run struct {
+	CommandID string
+	AgentID   string
+	OrgID     string
+	Attempt   int
+	// Config is the agent's resolved config.
+	Config map[string]any
+	// Variables and Secrets are the agent's environment (empty without one).
+	Variables map[string]string
+	Secrets   map[string]string
+	Progress  Reporter
+	// Egress is the HTTP policy of the worker: tasks that fetch URLs must
+	// use its client, which refuses private addresses unless allowlisted.
+	Egress Egress
+}
+
+// Egress is how tasks reach the network.
+type Egress interface {
+	// Client returns an HTTP client enforcing the worker's egress policy
+	// (SSRF guard, redirect re-checks, time limit).
+	Client() HTTPDoer
+	// MaxBytes is the most a task may read of one response.
+	MaxBytes() int64
+}
+
+// Definition is a registered task.
+type Definition struct {
+	Type        string
+	Description string
+	// PayloadType is the payload struct, for documentation.
+	PayloadType reflect.Type
+	// MaxRetries is the default number of retries after a failed attempt.
+	MaxRetries int
+	// Timeout is the default time limit of one attempt.
+	Timeout time.Duration
+	// Backoff is the wait before retry n (1-based).
+	Backoff func(n int) time.Duration
+
+	decode func(raw json.RawMessage) (any, error)
+	run    func(ctx context.Context, run *Run, payload any) (any, error)
+}
+
+// Decode checks a payload: unknown fields, wrong types and the payload's own
+// Validate method fail with ErrBadPayload.
+func (d *Definition) Decode(raw json.RawMessage) (any, error) { return d.decode(raw) }
+
+// Execute decodes the payload and runs the handler.
+func (d *Definition) Execute(ctx context.Context, run *Run, raw json.RawMessage) (any, error) {
+	p, err := d.decode(raw)
+	if err != nil {
+		return nil, err
+	}
+	return d.run(ctx, run, p)
+}
+
+// Task describes a task with payload type P.
+type Task[P any] struct {
+	Type        string
+	Description string
+	MaxRetries  int
+	Timeout     time.Duration
+	Backoff     func(n int) time.Duration
+	Handle      func(ctx context.Context, run *Run, payload P) (any, error)
+}
+
+var (
+	mu       sync.RWMutex
+	registry = map[string]*Definition{}
+)
+
+// Register adds a task; it panics on a duplicate type (a programming
+// error found at start-up).
+func Register[P any](t Task[P]) {
+	if t.Backoff == nil {
+		t.Backoff = ExponentialBackoff(time.Second, time.Minute)
+	}
+	if t.Timeout == 0 {
+		t.Timeout = 5 * time.Minute
+	}
+	d := &Definition{
+		Type: t.Type, Description: t.Description, PayloadType: reflect.TypeFor[P](),
+		MaxRetries: t.MaxRetries, Timeout: t.Timeout, Backoff: t.Backoff,
+		decode: func(raw json.RawMessage) (any, error) { return decode[P](raw) },
+		run:    func(ctx context.Context, run *Run, p any) (any, error) { return t.Handle(ctx, run, p.(P)) },
+	}
+	mu.Lock()
+	defer mu.Unlock()
+	if _, dup := registry[t.Type]; dup {
+		panic("tasks: " + t.Type + " registered twice")
+	}
+	registry[t.Type] = d
+}
+
+// Lookup returns the task registered under typ.
+func Lookup(typ string) (*Definition, bool) {
+	mu.RLock()
+	defer mu.RUnlock()
+	d, ok := registry[typ]
+	return d, ok
+}
+
+// All returns every registered task, by type.
+func All() []*Definition {
+	mu.RLock()
+	defer mu.RUnlock()
+	out := make([]*Definition, 0, len(registry))
+	for _, d := range registry {
+		out = append(out, d)
+	}
+	sort.Slice(out, func(i, j int) bool { return out[i].Type < out[j].Type })
+	return out
+}
+
+// Validator is implemented by payloads with rules beyond their types.
+type Validator interface{ Validate() error }
+
+func decode[P any](raw json.RawMessage) (P, error) {
+	var p P
+	if len(bytes.TrimSpace(raw)) == 0 {
+		raw = json.RawMessage("{}")
+	}
+	dec := json.NewDecoder(bytes.NewReader(raw))
+	dec.DisallowUnknownFields()
+	if err := dec.Decode(&p); err != nil {
+		return p, fmt.Errorf("%w: %s", ErrBadPayload, cleanJSONError(err))
+	}
+	if dec.More() {
+		return p, fmt.Errorf("%w: trailing data after the payload", ErrBadPayload)
+	}
+	if v, ok := any(&p).(Validator); ok {
+		if err := v.Validate(); err != nil {
+			return p, fmt.Errorf("%w: %v", ErrBadPayload, err)
+		}
+	}
+	return p, nil
+}
+
+func cleanJSONError(err error) string {
+	var te *json.UnmarshalTypeError
+	if errors.As(err, &te) {
+		return fmt.Sprintf("field %q must be %s", te.Field, te.Type)
+	}
+	return err.Error()
+}
+
+// ExponentialBackoff waits base, 2×base, 4×base … up to max, with ±20%
+// jitter so that retries of many commands spread out.
+func ExponentialBackoff(base, max time.Duration) func(n int) time.Duration {
+	return func(n int) time.Duration {
+		d := base
+		for i := 1; i < n && d < max; i++ {
+			d *= 2
+		}
+		d = min(d, max)
+		jitter := 0.8 + 0.4*rand.Float64()
+		return time.Duration(float64(d) * jitter)
+	}
+}
+
+// Command is a dispatch body for POST /v1/agents/{id}/commands.
+type Command struct {
+	Task    string `json:"task"`
+	Payload any    `json:"payload"`
+}
+
+// HTTPDoer sends HTTP requests (an *http.Client).
+type HTTPDoer interface {
+	Do(req *http.Request) (*http.Response, error)
+}
