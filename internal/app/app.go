@@ -20,6 +20,7 @@ import (
 
 	"github.com/agentry/agentry/internal/config"
 	"github.com/agentry/agentry/internal/metrics"
+	"github.com/agentry/agentry/internal/platform"
 	"github.com/agentry/agentry/internal/postgres"
 )
 
@@ -33,7 +34,8 @@ func Logger(w io.Writer, s config.Settings, binary string) *slog.Logger {
 	if s.Debug {
 		level = slog.LevelDebug
 	}
-	return slog.New(slog.NewJSONHandler(w, &slog.HandlerOptions{Level: level})).With("binary", binary)
+	h := slog.NewJSONHandler(w, &slog.HandlerOptions{Level: level})
+	return slog.New(platform.ContextHandler(h)).With("binary", binary)
 }
 
 // Postgres opens the pool the settings describe.

@@ -13,7 +13,6 @@ package crud
 
 import (
 	"context"
-	"database/sql"
 	"fmt"
 	"net/http"
 	"reflect"
@@ -104,6 +103,7 @@ type Registry struct {
 	MaxBodyBytes int64
 	observers    []func(context.Context, Change)
 	scopes       map[string]platform.Scope
+	stmts        stmtCache
 }
 
 // Scope returns the scope of a registered resource type.
@@ -309,19 +309,15 @@ func (h *Handle[T]) selectOne(p *platform.Principal, forUpdate bool) (string, sq
 	return q, args
 }
 
-type queryer interface {
-	QueryRowContext(ctx context.Context, query string, args ...any) *sql.Row
-}
-
-// load reads the row id and decides action on it for p. A row p may not
-// see is ENOTFOUND, exactly like a missing one.
-func (h *Handle[T]) load(ctx context.Context, q queryer, p *platform.Principal, id, action string, forUpdate bool) (*T, error) {
-	stmt, args := h.selectOne(p, forUpdate)
+// load reads the row id (in tx, if not nil) and decides action on it for
+// p. A row p may not see is ENOTFOUND, exactly like a missing one.
+func (h *Handle[T]) load(ctx context.Context, tx *sqlx.Tx, p *platform.Principal, id, action string, forUpdate bool) (*T, error) {
+	query, args := h.selectOne(p, forUpdate)
 	args[0] = id
 	row := new(T)
 	var entries []byte
 	dest := append(h.m.ptrs(reflect.ValueOf(row).Elem()), &entries)
-	if err := q.QueryRowContext(ctx, stmt, args...).Scan(dest...); err != nil {
+	if err := h.reg.queryRow(ctx, tx, query, args...).Scan(dest...); err != nil {
 		return nil, sqlq.MapError(err, h.notFound())
 	}
 	ref := any(row).(hasBase).Meta().Ref(h.scope.Type)
@@ -346,7 +342,7 @@ func (h *Handle[T]) Get(ctx context.Context, id, action string) (*T, *platform.P
 	if err != nil {
 		return nil, nil, err
 	}
-	row, err := h.load(ctx, h.reg.DB, p, id, action, false)
+	row, err := h.load(ctx, nil, p, id, action, false)
 	return row, p, err
 }
 

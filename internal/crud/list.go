@@ -309,7 +309,7 @@ func (r *resource[T, In]) list(ctx context.Context, in *ListInput) (*PageOutput[
 	if !in.SkipTotal {
 		var total int64
 		// Counts every row of the list, before paging.
-		if err := r.reg.DB.QueryRowContext(ctx, "SELECT count(*) FROM "+table+" t WHERE "+where, args...).Scan(&total); err != nil {
+		if err := r.reg.queryRow(ctx, nil, "SELECT count(*) FROM "+table+" t WHERE "+where, args...).Scan(&total); err != nil {
 			return nil, sqlq.MapError(err, r.notFound())
 		}
 		out.Body.Total = &total
@@ -334,7 +334,7 @@ func (r *resource[T, In]) list(ctx context.Context, in *ListInput) (*PageOutput[
 	if in.Cursor == "" && in.Page > 1 {
 		q += " OFFSET " + args.Add(int64(in.Page-1)*int64(in.PageSize))
 	}
-	rows, err := r.reg.DB.QueryContext(ctx, q, args...)
+	rows, err := r.reg.query(ctx, q, args...)
 	if err != nil {
 		return nil, sqlq.MapError(err, r.notFound())
 	}

@@ -17,7 +17,7 @@ func tplCreate(t *testing.T, u *User, kind, name, parent string, params map[stri
 	if parent != "" {
 		body["parent_id"] = parent
 	}
-	return u.Must(201, "POST", "/v1/templates", body).Str(t, "id")
+	return on(t, u.Client).Must(201, "POST", "/v1/templates", body).Str(t, "id")
 }
 
 // tplChain creates n agent templates, each the child of the one before
@@ -49,11 +49,19 @@ func tplFields(t *testing.T, r *Response) []string {
 	return out
 }
 
+// on returns a copy of c reporting to t: a subtest's failure must not end
+// its parent.
+func on(t *testing.T, c *Client) *Client {
+	cp := *c
+	cp.t = t
+	return &cp
+}
+
 // tplMustFail sends a request that must be refused with status, listing
 // exactly the fields want (when want is not nil).
 func tplMustFail(t *testing.T, c *Client, status int, method, path string, body any, want ...string) *Response {
 	t.Helper()
-	r := c.Must(status, method, path, body)
+	r := on(t, c).Must(status, method, path, body)
 	if ct := r.Header.Get("Content-Type"); !strings.HasPrefix(ct, "application/problem+json") {
 		t.Errorf("%s %s: want a problem, got Content-Type %q", method, path, ct)
 	}
@@ -226,7 +234,7 @@ func TestTemplateParentChecks(t *testing.T) {
 				tplMustFail(t, u.Client, tc.status, tc.method, tc.path, tc.body, tc.fields...)
 				return
 			}
-			u.Must(tc.status, tc.method, tc.path, tc.body)
+			on(t, u.Client).Must(tc.status, tc.method, tc.path, tc.body)
 		})
 	}
 	if got := u.Must(200, "GET", "/v1/templates/"+agent, nil).JSON(t)["parent_id"]; got != nil {
@@ -285,12 +293,12 @@ func TestTemplateResolveAndInstantiate(t *testing.T) {
 		}
 		wantJSON(t, "overrides", a["overrides"], overrides)
 		wantJSON(t, "config", a["config"], wantConfig)
-		stored := u.Must(200, "GET", "/v1/agents/"+a["id"].(string), nil).JSON(t)
+		stored := on(t, u.Client).Must(200, "GET", "/v1/agents/"+a["id"].(string), nil).JSON(t)
 		wantJSON(t, "stored config", stored["config"], wantConfig)
 		wantJSON(t, "stored overrides", stored["overrides"], overrides)
 	}
 	t.Run("instantiate", func(t *testing.T) {
-		r := u.Must(201, "POST", "/v1/templates/"+leaf+"/instantiate", `{"name":"from-template","description":"d","params":`+overrides+`}`)
+		r := on(t, u.Client).Must(201, "POST", "/v1/templates/"+leaf+"/instantiate", `{"name":"from-template","description":"d","params":`+overrides+`}`)
 		a := r.JSON(t)
 		if want := "/v1/agents/" + a["id"].(string); r.Header.Get("Location") != want {
 			t.Errorf("Location: want %s, got %q", want, r.Header.Get("Location"))
@@ -301,10 +309,10 @@ func TestTemplateResolveAndInstantiate(t *testing.T) {
 		check(t, a)
 	})
 	t.Run("create with template_id", func(t *testing.T) {
-		check(t, u.Must(201, "POST", "/v1/agents", `{"name":"created","template_id":"`+leaf+`","params":`+overrides+`}`).JSON(t))
+		check(t, on(t, u.Client).Must(201, "POST", "/v1/agents", `{"name":"created","template_id":"`+leaf+`","params":`+overrides+`}`).JSON(t))
 	})
 	t.Run("instantiate without params", func(t *testing.T) {
-		a := u.Must(201, "POST", "/v1/templates/"+leaf+"/instantiate", map[string]any{"name": "plain"}).JSON(t)
+		a := on(t, u.Client).Must(201, "POST", "/v1/templates/"+leaf+"/instantiate", map[string]any{"name": "plain"}).JSON(t)
 		wantJSON(t, "config", a["config"], `{"max_concurrency":4,"command_timeout_s":60,"labels":{"team":"core","zone":"eu"},"allowed_tasks":["echo"]}`)
 	})
 
@@ -341,9 +349,17 @@ func TestTemplateResolveAndInstantiate(t *testing.T) {
 				tplMustFail(t, u.Client, tc.status, tc.method, tc.path, tc.body, tc.fields...)
 				return
 			}
-			u.Must(tc.status, tc.method, tc.path, tc.body)
+			on(t, u.Client).Must(tc.status, tc.method, tc.path, tc.body)
 		})
 	}
+	t.Run("instantiate: params not an object", func(t *testing.T) {
+		t.Skip("BUG: the instantiate route drops a params that is not an object (overrides, _ := body[\"params\"].(map[string]any)) and creates the agent without it")
+		tplMustFail(t, u.Client, 400, "POST", "/v1/templates/"+leaf+"/instantiate", map[string]any{"name": "x", "params": "max_concurrency=1"}, "body.params")
+	})
+	t.Run("patch: trailing data after the merge patch", func(t *testing.T) {
+		t.Skip("BUG: crud update accepts a stray ] or } after the patch: dec.More() is false before them")
+		tplMustFail(t, u.Client, 400, "PATCH", "/v1/templates/"+leaf, `{"name":"renamed"}]`, "body")
+	})
 }
 
 func TestTemplateInstantiateNeedsReadOnTheChain(t *testing.T) {
@@ -380,7 +396,7 @@ func TestTemplateInstantiateNeedsReadOnTheChain(t *testing.T) {
 
 	t.Run("instantiate answers 404", func(t *testing.T) {
 		t.Skip("BUG: httpapi configureAgent/configureEnv turn the chain's ENOTFOUND into 400 body.template_id, also for the template in the instantiate path")
-		r := member.Must(404, "POST", "/v1/templates/"+child+"/instantiate", map[string]any{"name": "x"})
+		r := on(t, member).Must(404, "POST", "/v1/templates/"+child+"/instantiate", map[string]any{"name": "x"})
 		if strings.Contains(string(r.Body), "parent-only") {
 			t.Fatalf("the refusal shows the parent's params: %s", r.Body)
 		}

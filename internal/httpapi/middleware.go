@@ -15,19 +15,11 @@ import (
 	"github.com/agentry/agentry/internal/platform"
 )
 
-type (
-	requestIDKey struct{}
-	loggerKey    struct{}
-)
+type loggerKey struct{}
 
 // RequestID returns the id of the request ctx belongs to, or "".
-func RequestID(ctx context.Context) string {
-	id, _ := ctx.Value(requestIDKey{}).(string)
-	return id
-}
+func RequestID(ctx context.Context) string { return platform.RequestInfoFrom(ctx).ID }
 
-// validRequestID accepts a caller's X-Request-ID only if it is short and
-// plain, so it can be logged and echoed safely.
 func validRequestID(id string) bool {
 	if id == "" || len(id) > 64 {
 		return false
@@ -49,7 +41,8 @@ func newRequestID() string {
 }
 
 // requestContext gives every request an id (the caller's X-Request-ID if
-// sane) and a logger carrying it, and echoes the id in the response.
+// sane), echoed in the response, and records where it came from for the
+// audit log; log records made with its context carry the id.
 func requestContext(logger *slog.Logger) gin.HandlerFunc {
 	return func(c *gin.Context) {
 		id := c.GetHeader("X-Request-ID")
@@ -57,23 +50,12 @@ func requestContext(logger *slog.Logger) gin.HandlerFunc {
 			id = newRequestID()
 		}
 		c.Header("X-Request-ID", id)
-		ctx := context.WithValue(c.Request.Context(), requestIDKey{}, id)
-		ctx = context.WithValue(ctx, loggerKey{}, logger.With("request_id", id))
-		c.Request = c.Request.WithContext(ctx)
-		c.Next()
-	}
-}
-
-// requestInfo records the request's id and origin for the audit log.
-func requestInfo() gin.HandlerFunc {
-	return func(c *gin.Context) {
-		ctx := c.Request.Context()
 		ua := c.Request.UserAgent()
 		if len(ua) > 256 {
 			ua = ua[:256]
 		}
-		ctx = platform.WithRequestInfo(ctx, platform.RequestInfo{ID: RequestID(ctx), IP: c.ClientIP(), UserAgent: ua})
-		c.Request = c.Request.WithContext(ctx)
+		ctx := platform.WithRequestInfo(c.Request.Context(), platform.RequestInfo{ID: id, IP: c.ClientIP(), UserAgent: ua})
+		c.Request = c.Request.WithContext(context.WithValue(ctx, loggerKey{}, logger))
 		c.Next()
 	}
 }

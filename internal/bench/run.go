@@ -1,0 +1,356 @@
+package main
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"encoding/json"
+	"fmt"
+	"io"
+	"math/rand/v2"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"sort"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/jmoiron/sqlx"
+
+	"github.com/agentry/agentry/internal/crud/crudtest"
+	"github.com/agentry/agentry/internal/postgres"
+	"github.com/agentry/agentry/internal/testenv"
+)
+
+type options struct {
+	duration   time.Duration
+	only       string
+	cpuprofile string
+}
+
+// result is one measurement.
+type result struct {
+	rps      float64
+	p50, p99 time.Duration
+	errors   int64
+}
+
+// load sends requests from conc goroutines for d and returns the rate of
+// successful answers. next returns the request path to send.
+func load(ctx context.Context, base string, headers map[string]string, conc int, d time.Duration, next func() string) result {
+	client := &http.Client{Transport: &http.Transport{MaxIdleConnsPerHost: conc, MaxIdleConns: conc}}
+	ctx, cancel := context.WithTimeout(ctx, d)
+	defer cancel()
+	var ok, bad atomic.Int64
+	lat := make([][]time.Duration, conc)
+	var wg sync.WaitGroup
+	start := time.Now()
+	for i := range conc {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for ctx.Err() == nil {
+				req, _ := http.NewRequestWithContext(ctx, http.MethodGet, base+next(), nil)
+				for k, v := range headers {
+					req.Header.Set(k, v)
+				}
+				t := time.Now()
+				res, err := client.Do(req)
+				if err != nil {
+					if ctx.Err() == nil {
+						bad.Add(1)
+					}
+					continue
+				}
+				_, _ = io.Copy(io.Discard, res.Body)
+				res.Body.Close()
+				if res.StatusCode != http.StatusOK {
+					bad.Add(1)
+					continue
+				}
+				ok.Add(1)
+				lat[i] = append(lat[i], time.Since(t))
+			}
+		}()
+	}
+	wg.Wait()
+	elapsed := time.Since(start)
+	var all []time.Duration
+	for _, l := range lat {
+		all = append(all, l...)
+	}
+	sort.Slice(all, func(i, j int) bool { return all[i] < all[j] })
+	r := result{rps: float64(ok.Load()) / elapsed.Seconds(), errors: bad.Load()}
+	if len(all) > 0 {
+		r.p50, r.p99 = all[len(all)/2], all[len(all)*99/100]
+	}
+	return r
+}
+
+// server is a process serving HTTP.
+type server struct {
+	name string
+	url  string
+	cmd  *exec.Cmd
+	logs *os.File
+}
+
+// start runs cmd, its log lines going to a file (as a container runtime
+// would take them), and waits for it to print where it listens.
+func start(ctx context.Context, name string, cmd *exec.Cmd) (*server, error) {
+	logs, err := os.CreateTemp("", "agentry-bench-"+name+"-*.log")
+	if err != nil {
+		return nil, err
+	}
+	s := &server{name: name, cmd: cmd, logs: logs}
+	out, _ := cmd.StdoutPipe()
+	cmd.Stderr = logs
+	if err := cmd.Start(); err != nil {
+		return nil, err
+	}
+	urls := make(chan string, 1)
+	go func() {
+		sc := bufio.NewScanner(out)
+		for sc.Scan() {
+			if _, url, ok := strings.Cut(sc.Text(), "listening on "); ok {
+				select {
+				case urls <- url:
+				default:
+				}
+			}
+		}
+	}()
+	select {
+	case s.url = <-urls:
+	case <-time.After(30 * time.Second):
+		s.stop()
+		data, _ := os.ReadFile(logs.Name())
+		return nil, fmt.Errorf("%s did not start: %s", name, data)
+	}
+	return s, nil
+}
+
+func (s *server) stop() {
+	if s.cmd.Process != nil {
+		_ = s.cmd.Process.Signal(os.Interrupt)
+		done := make(chan struct{})
+		go func() { _ = s.cmd.Wait(); close(done) }()
+		select {
+		case <-done:
+		case <-time.After(15 * time.Second):
+			_ = s.cmd.Process.Kill()
+		}
+	}
+	s.logs.Close()
+	os.Remove(s.logs.Name())
+}
+
+// line prints one comparison in the harness's format.
+func line(name string, v float64, unit, base string, bv float64, bunit string) {
+	ratio := 0.0
+	if bv != 0 {
+		ratio = v / bv
+	}
+	fmt.Printf("BENCH %s %s %s vs %s %s %s ratio %.2f\n", name, num(v), unit, base, num(bv), bunit, ratio)
+}
+
+func num(v float64) string {
+	if v >= 100 {
+		return strconv.FormatFloat(v, 'f', 0, 64)
+	}
+	return strconv.FormatFloat(v, 'f', 2, 64)
+}
+
+func run(ctx context.Context, o options) error {
+	if o.duration == 0 {
+		o.duration = 5 * time.Second
+		if d, err := time.ParseDuration(os.Getenv("BENCH_DURATION")); err == nil {
+			o.duration = d
+		}
+	}
+	want := func(name string) bool { return o.only == "" || strings.Contains(name, o.only) }
+	tmp, err := os.MkdirTemp("", "agentry-bench-")
+	if err != nil {
+		return err
+	}
+	defer os.RemoveAll(tmp)
+	fmt.Fprintln(os.Stderr, "bench: building the binaries")
+	build := exec.Command("go", "build", "-o", tmp+"/", "./cmd/api", "./cmd/worker", "./cmd/scheduler")
+	build.Stderr = os.Stderr
+	if err := build.Run(); err != nil {
+		return fmt.Errorf("build: %w", err)
+	}
+	self, err := os.Executable()
+	if err != nil {
+		return err
+	}
+
+	env, cleanup, err := prepare(ctx, tmp)
+	if err != nil {
+		return err
+	}
+	defer cleanup()
+	fmt.Fprintf(os.Stderr, "bench: %d agents in one organization; each measurement runs %s\n", len(env.ids), o.duration)
+
+	bare, err := start(ctx, "bare", exec.Command(self, "-serve", "bare", "-dsn", env.dsn))
+	if err != nil {
+		return err
+	}
+	defer bare.stop()
+	barePrep, err := start(ctx, "bare-prepared", exec.Command(self, "-serve", "bare-prepared", "-dsn", env.dsn))
+	if err != nil {
+		return err
+	}
+	defer barePrep.stop()
+	fwArgs := []string{"-serve", "framework", "-dsn", env.dsn}
+	if o.cpuprofile != "" {
+		fwArgs = append(fwArgs, "-cpuprofile", o.cpuprofile)
+	}
+	fw, err := start(ctx, "framework", exec.Command(self, fwArgs...))
+	if err != nil {
+		return err
+	}
+	defer fw.stop()
+
+	testHeaders := map[string]string{crudtest.UserHeader: env.user, crudtest.OrgHeader: env.org}
+	apiHeaders := map[string]string{"Authorization": "Bearer " + env.token, "X-Org-ID": env.org}
+	randomAgent := func() string { return "/v1/agents/" + env.ids[rand.IntN(len(env.ids))] }
+	randomPage := func() string { return "/v1/agents?page=" + strconv.Itoa(1+rand.IntN(50)) + "&page_size=20" }
+	const conc = 16
+
+	measure := func(s string, h map[string]string, next func() string) result {
+		load(ctx, s, h, conc, time.Second, next) // warm up
+		return load(ctx, s, h, conc, o.duration, next)
+	}
+	if want("crud_get") || want("api_get") {
+		b := measure(bare.url, testHeaders, randomAgent)
+		bp := measure(barePrep.url, testHeaders, randomAgent)
+		f := measure(fw.url, testHeaders, randomAgent)
+		a := measure(env.api.url, apiHeaders, randomAgent)
+		b2 := measure(bare.url, testHeaders, randomAgent)
+		bp2 := measure(barePrep.url, testHeaders, randomAgent)
+		base, basePrep := (b.rps+b2.rps)/2, (bp.rps+bp2.rps)/2
+		if want("crud_get") {
+			line("crud_get", f.rps, "req/s", "gin_sqlx", base, "req/s")
+			line("crud_get", f.rps, "req/s", "gin_sqlx_prepared", basePrep, "req/s")
+		}
+		if want("api_get") {
+			line("api_get_authenticated_acl", a.rps, "req/s", "gin_sqlx", base, "req/s")
+			line("api_get_authenticated_acl", a.rps, "req/s", "gin_sqlx_prepared", basePrep, "req/s")
+		}
+		checkErrors(b, bp, f, a)
+	}
+	if want("crud_list") {
+		b := measure(bare.url, testHeaders, randomPage)
+		f := measure(fw.url, testHeaders, randomPage)
+		b2 := measure(bare.url, testHeaders, randomPage)
+		line("crud_list_total_50k", f.rps, "req/s", "gin_sqlx", (b.rps+b2.rps)/2, "req/s")
+		checkErrors(b, f)
+	}
+	return nil
+}
+
+func checkErrors(rs ...result) {
+	for _, r := range rs {
+		if r.errors > 0 {
+			fmt.Fprintf(os.Stderr, "bench: warning: %d failed requests in a run\n", r.errors)
+		}
+	}
+}
+
+type benchEnv struct {
+	dsn, org, user, token string
+	ids                   []string
+	api                   *server
+}
+
+// prepare creates a schema, starts the real api on it, registers a user and
+// seeds 50,000 agents in the user's organization.
+func prepare(ctx context.Context, bin string) (*benchEnv, func(), error) {
+	schema := testenv.Name("bench_")
+	admin, err := sqlx.Open("postgres", testenv.DatabaseURL())
+	if err != nil {
+		return nil, nil, err
+	}
+	if _, err := admin.ExecContext(ctx, "CREATE SCHEMA "+schema); err != nil {
+		return nil, nil, fmt.Errorf("PostgreSQL at %s: %w (make bench starts it)", testenv.DatabaseURL(), err)
+	}
+	cleanup := func() {
+		_, _ = admin.Exec("DROP SCHEMA " + schema + " CASCADE")
+		admin.Close()
+	}
+	dsn := testenv.DatabaseURL() + "&search_path=" + schema
+	if !strings.Contains(testenv.DatabaseURL(), "?") {
+		dsn = testenv.DatabaseURL() + "?search_path=" + schema
+	}
+	db, err := postgres.Open(ctx, dsn, postgres.PoolOptions{MaxOpenConns: 4})
+	if err != nil {
+		cleanup()
+		return nil, nil, err
+	}
+	defer db.Close()
+	m, err := postgres.NewMigrator(db.DB, false)
+	if err != nil {
+		cleanup()
+		return nil, nil, err
+	}
+	if err := m.Up(ctx, io.Discard); err != nil {
+		cleanup()
+		return nil, nil, err
+	}
+	env := &benchEnv{dsn: dsn}
+	api := exec.Command(filepath.Join(bin, "api"))
+	api.Env = append(os.Environ(),
+		"AGENTRY_ENV=test", "AGENTRY_DATABASE_URL="+dsn, "AGENTRY_REDIS_URL="+testenv.RedisURL(),
+		"AGENTRY_REDIS_PREFIX="+schema, "AGENTRY_HTTP_ADDR=127.0.0.1:0", "AGENTRY_CONFIG_DIR="+bin)
+	if env.api, err = start(ctx, "api", api); err != nil {
+		cleanup()
+		return nil, nil, err
+	}
+	stopAll := func() { env.api.stop(); cleanup() }
+	post := func(path string, body map[string]any) (map[string]any, error) {
+		data, _ := json.Marshal(body)
+		res, err := http.Post(env.api.url+path, "application/json", bytes.NewReader(data))
+		if err != nil {
+			return nil, err
+		}
+		defer res.Body.Close()
+		var out map[string]any
+		if err := json.NewDecoder(res.Body).Decode(&out); err != nil {
+			return nil, err
+		}
+		if res.StatusCode >= 300 {
+			return nil, fmt.Errorf("%s: %d %v", path, res.StatusCode, out)
+		}
+		return out, nil
+	}
+	u, err := post("/v1/auth/register", map[string]any{"email": "bench@example.com", "password": "bench-password", "name": "Bench"})
+	if err != nil {
+		stopAll()
+		return nil, nil, err
+	}
+	tok, err := post("/v1/auth/login", map[string]any{"email": "bench@example.com", "password": "bench-password"})
+	if err != nil {
+		stopAll()
+		return nil, nil, err
+	}
+	env.user, env.org, env.token = u["id"].(string), u["default_org_id"].(string), tok["access_token"].(string)
+	// Seeds 50,000 agents owned by the user, one second apart.
+	if err := db.SelectContext(ctx, &env.ids, `WITH ids AS (SELECT gen_random_uuid() AS id, g FROM generate_series(1, 50000) g),
+			e AS (INSERT INTO entities (id, kind) SELECT id, 'agent' FROM ids)
+		INSERT INTO agents (id, org_id, owner_id, name, created_at, updated_at)
+		SELECT id, $1, $2, 'agent-' || g, now() - g * interval '1 second', now() - g * interval '1 second' FROM ids
+		RETURNING id`, env.org, env.user); err != nil {
+		stopAll()
+		return nil, nil, err
+	}
+	if _, err := db.ExecContext(ctx, "ANALYZE"); err != nil {
+		stopAll()
+		return nil, nil, err
+	}
+	return env, stopAll, nil
+}
