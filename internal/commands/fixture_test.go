@@ -11,6 +11,7 @@ import (
 	"github.com/google/uuid"
 	"github.com/hibiken/asynq"
 	"github.com/jmoiron/sqlx"
+	"github.com/redis/go-redis/v9"
 	"go.uber.org/goleak"
 
 	"github.com/agentry/agentry/internal/events"
@@ -29,6 +30,7 @@ type fixture struct {
 	store *Store
 	org   string
 	user  string
+	rdb   *redis.Client // set by dispatcher
 }
 
 func newFixture(t *testing.T, limits Limits) *fixture {
@@ -158,7 +160,17 @@ var succeeded = Outcome{Status: platform.CommandSucceeded, Event: "succeeded", R
 func (f *fixture) dispatcher() *Dispatcher {
 	f.t.Helper()
 	rdb, prefix := testenv.Redis(f.t)
+	f.rdb = rdb
 	client := asynq.NewClientFromRedisClient(rdb)
+	// Asynq's keys are not under the prefix: remove them too.
+	f.t.Cleanup(func() {
+		ctx := context.Background()
+		keys, _ := rdb.Keys(ctx, "asynq:{"+QueueName(prefix)+"}*").Result()
+		if len(keys) > 0 {
+			rdb.Del(ctx, keys...)
+		}
+		rdb.SRem(ctx, "asynq:queues", QueueName(prefix))
+	})
 	return &Dispatcher{
 		Store:  f.store,
 		Queue:  NewQueue(client, prefix),

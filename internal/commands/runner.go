@@ -63,7 +63,9 @@ func (r *Runner) store() *Store { return r.Dispatcher.Store }
 
 func (r *Runner) lease() time.Duration { return 3 * r.Heartbeat }
 
-// Start runs the heartbeat and the cancellation listener until Stop.
+// Start runs the heartbeat and the cancellation listener until Stop. They
+// outlive ctx: a worker told to shut down keeps renewing the leases of the
+// commands it drains, and keeps hearing their cancellations, until Stop.
 func (r *Runner) Start(ctx context.Context) error {
 	r.mu.Lock()
 	if r.running == nil {
@@ -73,7 +75,7 @@ func (r *Runner) Start(ctx context.Context) error {
 	if r.ProgressEvery == 0 {
 		r.ProgressEvery = 250 * time.Millisecond
 	}
-	ctx, r.cancel = context.WithCancel(ctx)
+	ctx, r.cancel = context.WithCancel(context.WithoutCancel(ctx))
 	r.done = make(chan struct{})
 	signals, err := r.Dispatcher.Events.Signals(ctx, CancelChannel)
 	if err != nil {
@@ -292,13 +294,16 @@ func (r *Runner) finish(ctx context.Context, c *Claimed, o Outcome, ran time.Dur
 		r.Logger.WarnContext(ctx, "outcome refused: this worker no longer holds the attempt", "command_id", c.ID, "attempt", c.Attempt)
 		return
 	}
+	if done.Status != o.Status {
+		o.Event = done.Status // a retry of a command being cancelled ended it canceled
+	}
 	if r.Metrics != nil {
 		switch o.Event {
 		case "retrying":
 			r.Metrics.Retried(c.Task)
 		case "requeued":
 		default:
-			r.Metrics.Finished(c.Task, o.Status, ran)
+			r.Metrics.Finished(c.Task, done.Status, ran)
 		}
 	}
 	publishCommand(wctx, r.Dispatcher.Events, r.Logger, "command."+o.Event, done)

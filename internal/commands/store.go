@@ -40,16 +40,19 @@ type Admitted struct {
 	TimeoutS int    `db:"timeout_s"`
 }
 
-// agentStatus sets the status of the agent of done's commands from its
+// agentStatus sets the status of the agents of done's commands from their
 // running commands (done being a CTE of changed commands).
+// The statement's snapshot still shows done's commands as they were, so
+// they are judged by their new status in done, and the others from commands.
 const agentStatus = `ag AS (
 	UPDATE agents a SET status = CASE
 		WHEN a.status = 'disabled' THEN 'disabled'
-		WHEN EXISTS (SELECT 1 FROM commands o WHERE o.agent_id = a.id AND o.status = 'running' AND o.id <> d.id) THEN 'busy'
-		WHEN d.status = 'failed' THEN 'error'
+		WHEN EXISTS (SELECT 1 FROM done r WHERE r.agent_id = a.id AND r.status = 'running') THEN 'busy'
+		WHEN EXISTS (SELECT 1 FROM commands o WHERE o.agent_id = a.id AND o.status = 'running' AND o.id NOT IN (SELECT id FROM done)) THEN 'busy'
+		WHEN EXISTS (SELECT 1 FROM done f WHERE f.agent_id = a.id AND f.status = 'failed') THEN 'error'
 		ELSE 'idle' END,
 		updated_at = now()
-	FROM done d WHERE a.id = d.agent_id)`
+	WHERE a.id IN (SELECT agent_id FROM done))`
 
 // Insert stores a new queued command and its first event. With an
 // idempotency key already used by the same caller within 24 hours it stores
@@ -164,7 +167,8 @@ type Outcome struct {
 
 // Finish records the outcome of the attempt a worker holds. It returns nil
 // when the worker no longer holds it (the fence: a stale worker's late
-// write is refused).
+// write is refused). A command whose cancellation was asked is never
+// retried nor handed back: such an outcome ends it canceled.
 func (s *Store) Finish(ctx context.Context, id string, attempt int, o Outcome) (*platform.Command, error) {
 	failed := 0
 	if o.Failed {
@@ -175,17 +179,21 @@ func (s *Store) Finish(ctx context.Context, id string, attempt int, o Outcome) (
 		result = string(o.Result)
 	}
 	out := &platform.Command{}
-	// Writes the outcome only for the attempt the worker holds; records the
-	// event and recomputes the agent's status. Returns the command.
+	// Writes the outcome only for the attempt the worker holds (a retry of a
+	// command being cancelled ends it canceled); records the event and
+	// recomputes the agent's status. Returns the command.
 	err := s.DB.GetContext(ctx, out, `WITH done AS (
-			UPDATE commands SET status = $3, result = COALESCE($4::jsonb, result), error = COALESCE($5, error), failures = failures + $6,
+			UPDATE commands SET
+				status = CASE WHEN $3 = 'queued' AND cancel_requested_at IS NOT NULL THEN 'canceled' ELSE $3 END,
+				result = COALESCE($4::jsonb, result), error = COALESCE($5, error), failures = failures + $6,
 				progress = CASE WHEN $3 = 'succeeded' THEN 100 ELSE progress END,
-				finished_at = CASE WHEN $3 IN ('succeeded', 'failed', 'canceled') THEN now() END,
-				not_before = $7, worker_id = NULL, lease_until = NULL, updated_at = now(), version = version + 1
+				finished_at = CASE WHEN $3 IN ('succeeded', 'failed', 'canceled') OR cancel_requested_at IS NOT NULL THEN now() END,
+				not_before = CASE WHEN cancel_requested_at IS NULL THEN $7::timestamptz END,
+				worker_id = NULL, lease_until = NULL, updated_at = now(), version = version + 1
 			WHERE id = $1 AND attempt = $2 AND status = 'running'
 			RETURNING *),
 		ev AS (INSERT INTO command_events (command_id, type, status, attempt, progress, message, data)
-			SELECT id, $8, status, attempt, progress, COALESCE(error, ''), result FROM done),
+			SELECT id, CASE WHEN status <> $3 THEN status ELSE $8 END, status, attempt, progress, COALESCE(error, ''), result FROM done),
 		`+agentStatus+`
 		SELECT * FROM done`,
 		id, attempt, o.Status, result, o.Error, failed, o.NotBefore, o.Event)
@@ -259,14 +267,16 @@ func (s *Store) Cancel(ctx context.Context, id string) (*platform.Command, error
 	return out, err
 }
 
-// Retry puts a failed command back in its agent's backlog.
+// Retry puts a failed command back in its agent's backlog, forgetting a
+// cancellation asked before it failed.
 func (s *Store) Retry(ctx context.Context, id string) (*platform.Command, error) {
 	out := &platform.Command{}
 	// Re-queues a failed command with its failures forgotten; records the
 	// event. Returns the command, or no row if it is not failed.
 	err := s.DB.GetContext(ctx, out, `WITH done AS (
 			UPDATE commands SET status = 'queued', failures = 0, error = NULL, result = NULL, progress = 0, message = '',
-				admitted_at = NULL, not_before = NULL, finished_at = NULL, updated_at = now(), version = version + 1
+				admitted_at = NULL, not_before = NULL, finished_at = NULL, cancel_requested_at = NULL,
+				updated_at = now(), version = version + 1
 			WHERE id = $1 AND status = 'failed'
 			RETURNING *),
 		ev AS (INSERT INTO command_events (command_id, type, status, attempt) SELECT id, 'queued', status, attempt FROM done)

@@ -557,6 +557,9 @@ func TestCancel(t *testing.T) {
 	if err != nil || got.Status != platform.CommandRunning || got.CancelRequestedAt == nil {
 		t.Fatalf("a running command: want still running with the cancellation asked, got %v (%v)", got, err)
 	}
+	if s := f.agentStatus(agent); s != "busy" {
+		t.Fatalf("the agent of a command still running: want busy, got %s", s)
+	}
 	cancel, err := f.store.Heartbeat(ctx, "w1", []string{running.ID}, time.Minute)
 	if err != nil || !slices.Equal(cancel, []string{running.ID}) {
 		t.Fatalf("heartbeat: want the cancellation heard, got %v (%v)", cancel, err)
