@@ -114,3 +114,37 @@ func TestConcurrentUse(t *testing.T) {
 		}
 	}
 }
+
+// FuzzSealOpen checks that any value round-trips, that a sealed value opens
+// only for the owner and name it was sealed for, and that Open never
+// panics on garbage. Owners are ids: they never hold a NUL, the separator
+// of the additional data.
+func FuzzSealOpen(f *testing.F) {
+	f.Add("env-1", "TOKEN", "hunter2", "env-1", "OTHER", "")
+	f.Add("env-", "1TOKEN", "", "env-1", "TOKEN", "AAAA")
+	f.Add("6f1c0c8e-2d1a-4a57-9a0e-0b7f0c1d2e3f", "A", "v", "6f1c0c8e-2d1a-4a57-9a0e-0b7f0c1d2e3f", "A\x00", "%%%")
+	s, err := New(key(7))
+	if err != nil {
+		f.Fatal(err)
+	}
+	f.Fuzz(func(t *testing.T, owner, name, value, owner2, name2, garbage string) {
+		if strings.ContainsRune(owner, 0) || strings.ContainsRune(owner2, 0) {
+			t.Skip()
+		}
+		sealed := s.Seal(owner, name, value)
+		got, err := s.Open(owner, name, sealed)
+		if err != nil || got != value {
+			t.Fatalf("round trip of %q for (%q, %q): got %q, %v", value, owner, name, got, err)
+		}
+		if owner2 != owner || name2 != name {
+			if got, err := s.Open(owner2, name2, sealed); !errors.Is(err, ErrOpen) {
+				t.Fatalf("sealed for (%q, %q), opened for (%q, %q): %q, %v", owner, name, owner2, name2, got, err)
+			}
+		}
+		if got, err := s.Open(owner, name, garbage); err == nil && garbage != sealed {
+			// Only a genuine sealed value opens; garbage that happens to be
+			// one is as likely as forging GCM.
+			t.Fatalf("garbage %q opened to %q", garbage, got)
+		}
+	})
+}
