@@ -15,6 +15,8 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/hibiken/asynq"
+
 	"github.com/agentry/agentry/tasks"
 )
 
@@ -41,8 +43,16 @@ func mustPrefixes(ss ...string) []netip.Prefix {
 	return out
 }
 
-// ErrRefused is returned when a destination is not allowed.
-var ErrRefused = errors.New("egress refused")
+// ErrRefused is returned when a destination is not allowed. A refusal is
+// the worker's policy, not a passing failure: it matches asynq.SkipRetry
+// too, so the command fails at once instead of retrying into the same wall.
+var ErrRefused error = refusedError{}
+
+type refusedError struct{}
+
+func (refusedError) Error() string { return "egress refused" }
+
+func (refusedError) Is(target error) bool { return target == asynq.SkipRetry }
 
 // New returns a policy allowing the special addresses inside allowCIDRs,
 // reading at most maxBytes per response, and giving up after timeout.
