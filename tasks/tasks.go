@@ -17,6 +17,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"math/rand/v2"
 	"net/http"
 	"reflect"
@@ -28,8 +29,14 @@ import (
 )
 
 // ErrBadPayload marks a payload that can never succeed: the command fails at
-// once, without retries.
-var ErrBadPayload = fmt.Errorf("bad payload: %w", asynq.SkipRetry)
+// once, without retries (it matches asynq.SkipRetry too).
+var ErrBadPayload error = badPayload{}
+
+type badPayload struct{}
+
+func (badPayload) Error() string { return "bad payload" }
+
+func (badPayload) Is(target error) bool { return target == asynq.SkipRetry }
 
 // Reporter tells the user how a command is doing. Updates are throttled:
 // a chatty handler cannot flood the database or the event stream.
@@ -178,12 +185,41 @@ func decode[P any](raw json.RawMessage) (P, error) {
 	return p, nil
 }
 
+// cleanJSONError says what is wrong with a payload in JSON's terms, not Go's.
 func cleanJSONError(err error) string {
 	var te *json.UnmarshalTypeError
 	if errors.As(err, &te) {
-		return fmt.Sprintf("field %q must be %s", te.Field, te.Type)
+		if te.Field == "" {
+			return "the payload must be " + jsonKind(te.Type)
+		}
+		return fmt.Sprintf("field %q must be %s", te.Field, jsonKind(te.Type))
+	}
+	var se *json.SyntaxError
+	if errors.As(err, &se) || errors.Is(err, io.ErrUnexpectedEOF) {
+		return "malformed JSON: " + err.Error()
 	}
 	return err.Error()
+}
+
+// jsonKind names the JSON value a Go type decodes from.
+func jsonKind(t reflect.Type) string {
+	switch t.Kind() {
+	case reflect.String:
+		return "a string"
+	case reflect.Bool:
+		return "a boolean"
+	case reflect.Int, reflect.Int8, reflect.Int16, reflect.Int32, reflect.Int64,
+		reflect.Uint, reflect.Uint8, reflect.Uint16, reflect.Uint32, reflect.Uint64:
+		return "an integer"
+	case reflect.Float32, reflect.Float64:
+		return "a number"
+	case reflect.Slice, reflect.Array:
+		return "an array"
+	case reflect.Struct, reflect.Map:
+		return "an object"
+	default:
+		return t.String()
+	}
 }
 
 // ExponentialBackoff waits base, 2×base, 4×base … up to max, with ±20%
