@@ -6,15 +6,18 @@
 package templates
 
 import (
+	"cmp"
 	"context"
 	"encoding/json"
 	"fmt"
 	"reflect"
+	"slices"
 	"sort"
 	"strings"
 	"sync"
 
 	"github.com/santhosh-tekuri/jsonschema/v6"
+	errkind "github.com/santhosh-tekuri/jsonschema/v6/kind"
 	"golang.org/x/text/language"
 	"golang.org/x/text/message"
 
@@ -143,11 +146,24 @@ func (kind *Kind) Validate(params map[string]any, prefix string) []platform.Fiel
 	var out []platform.FieldError
 	var walk func(e *jsonschema.ValidationError)
 	walk = func(e *jsonschema.ValidationError) {
-		if len(e.Causes) == 0 {
-			field := prefix
-			for _, part := range e.InstanceLocation {
-				field += "." + part
+		field := prefix
+		for _, part := range e.InstanceLocation {
+			field += "." + part
+		}
+		// Errors about properties are located at their object: name the
+		// property at fault instead.
+		switch k := e.ErrorKind.(type) {
+		case *errkind.AdditionalProperties:
+			for _, name := range k.Properties {
+				out = append(out, platform.FieldError{Field: field + "." + name, Message: "not allowed"})
 			}
+			return
+		case *errkind.PropertyNames:
+			// The causes judge the name as an instance of its own, located at "".
+			out = append(out, platform.FieldError{Field: field + "." + k.Property, Message: "invalid name: " + leafMessages(e)})
+			return
+		}
+		if len(e.Causes) == 0 {
 			out = append(out, platform.FieldError{Field: field, Message: e.ErrorKind.LocalizedString(printer)})
 			return
 		}
@@ -156,8 +172,22 @@ func (kind *Kind) Validate(params map[string]any, prefix string) []platform.Fiel
 		}
 	}
 	walk(ve)
-	sort.Slice(out, func(i, j int) bool { return out[i].Field < out[j].Field })
+	slices.SortFunc(out, func(a, b platform.FieldError) int {
+		return cmp.Or(strings.Compare(a.Field, b.Field), strings.Compare(a.Message, b.Message))
+	})
 	return out
+}
+
+// leafMessages joins the messages of the innermost causes of e.
+func leafMessages(e *jsonschema.ValidationError) string {
+	if len(e.Causes) == 0 {
+		return e.ErrorKind.LocalizedString(printer)
+	}
+	msgs := make([]string, len(e.Causes))
+	for i, c := range e.Causes {
+		msgs[i] = leafMessages(c)
+	}
+	return strings.Join(msgs, "; ")
 }
 
 // Resolution is a template's chain merged.

@@ -234,6 +234,53 @@ func TestValidate(t *testing.T) {
 	}
 }
 
+// environmentSchema mirrors the platform's environment kind.
+const environmentSchema = `{
+	"type": "object",
+	"properties": {
+		"variables": {
+			"type": "object",
+			"propertyNames": {"pattern": "^[A-Za-z_][A-Za-z0-9_]{0,127}$"},
+			"additionalProperties": {"type": "string", "maxLength": 65536}
+		}
+	},
+	"additionalProperties": false
+}`
+
+func TestValidateNamesThePropertyAtFault(t *testing.T) {
+	var kinds Kinds
+	if err := kinds.Register(&Kind{Name: "environment", Schema: json.RawMessage(environmentSchema)}); err != nil {
+		t.Fatal(err)
+	}
+	env, _ := kinds.Get("environment")
+	cases := []struct {
+		name   string
+		params string
+		want   []string
+	}{
+		{"valid", `{"variables":{"A":"1","_b2":"2"}}`, nil},
+		{"properties not allowed", `{"other":1,"more":2}`, []string{"body.params.more", "body.params.other"}},
+		{"bad names", `{"variables":{"1BAD":"x","OK":"y","bad-too":"z"}}`, []string{"body.params.variables.1BAD", "body.params.variables.bad-too"}},
+		{"bad value", `{"variables":{"N":2}}`, []string{"body.params.variables.N"}},
+		{"all at once", `{"x":true,"variables":{"1":1}}`, []string{"body.params.variables.1", "body.params.variables.1", "body.params.x"}},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			bad := env.Validate(object(tc.params), "body.params")
+			var got []string
+			for _, f := range bad {
+				got = append(got, f.Field)
+				if f.Message == "" {
+					t.Errorf("%s: empty message", f.Field)
+				}
+			}
+			if !slices.Equal(got, tc.want) {
+				t.Fatalf("want %v, got %v (%+v)", tc.want, got, bad)
+			}
+		})
+	}
+}
+
 func TestValidateFloatNumbers(t *testing.T) {
 	// Params read back from jsonb hold float64, not json.Number.
 	agent, _ := newKinds(t).Get("agent")
