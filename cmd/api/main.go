@@ -40,7 +40,9 @@ import (
 	"github.com/agentry/agentry/internal/config"
 	"github.com/agentry/agentry/internal/httpapi"
 	"github.com/agentry/agentry/internal/metrics"
+	"github.com/agentry/agentry/internal/notify"
 	"github.com/agentry/agentry/internal/postgres"
+	"github.com/agentry/agentry/internal/realtime"
 	"github.com/agentry/agentry/internal/sqlq"
 )
 
@@ -238,7 +240,23 @@ func serve(ctx context.Context, s config.Settings, stdout io.Writer, logger *slo
 		},
 	})
 	guard := &access.Guard{DB: db, Audit: svc.audit}
-	registry := &crud.Registry{API: srv.API, DB: db, Guard: guard, ACL: &access.ACL{DB: db, Audit: svc.audit}, MaxBodyBytes: s.MaxBodyBytes}
+	acl := &access.ACL{DB: db, Audit: svc.audit, Changed: func(ctx context.Context, orgID, _, _ string) {
+		svc.bus.Publish(ctx, "acl:"+orgID)
+	}}
+	registry := &crud.Registry{API: srv.API, DB: db, Guard: guard, ACL: acl, MaxBodyBytes: s.MaxBodyBytes}
+	bus := events.NewBus(svc.rdb, s.RedisPrefix, s.EventStreamMaxLen)
+	gateway := &realtime.Gateway{
+		Events:       bus,
+		Redis:        svc.rdb,
+		Logger:       logger,
+		Metrics:      metrics.NewRealtime(reg),
+		SendQueue:    s.WebSocketSendQueue,
+		PingInterval: s.WebSocketPingInterval,
+	}
+	if err := gateway.Start(ctx); err != nil {
+		return err
+	}
+	svc.bus.Handle(gateway.Invalidate)
 	key, err := s.SecretsKeyBytes()
 	if err != nil {
 		return err
@@ -251,7 +269,7 @@ func serve(ctx context.Context, s config.Settings, stdout io.Writer, logger *slo
 	dispatcher := &commands.Dispatcher{
 		Store:   &commands.Store{DB: db, Limits: commands.Limits{OrgMaxInFlight: s.OrgMaxInFlight, OrgMaxQueued: s.OrgMaxQueued}},
 		Queue:   commands.NewQueue(asynq.NewClientFromRedisClient(svc.rdb), s.RedisPrefix),
-		Events:  events.NewBus(svc.rdb, s.RedisPrefix, s.EventStreamMaxLen),
+		Events:  bus,
 		Logger:  logger,
 		Metrics: cmdMetrics,
 	}
@@ -265,9 +283,16 @@ func serve(ctx context.Context, s config.Settings, stdout io.Writer, logger *slo
 		Identity:   svc.identity,
 		Keys:       svc.identity,
 		Guard:      guard,
-		ACL:        registry.ACL.(*access.ACL),
+		ACL:        acl,
 		Audit:      svc.audit,
+		Realtime: &httpapi.Realtime{
+			Gateway:        gateway,
+			Tickets:        realtime.NewTickets(svc.rdb, s.RedisPrefix, 30*time.Second),
+			Authenticator:  svc.authn,
+			AllowedOrigins: s.AllowedOrigins,
+			Notify:         &notify.Service{DB: db, Events: bus, Logger: logger},
+		},
 	})
 	logger.Info("starting", "settings", s)
-	return app.Serve(ctx, logger, stdout, "api", s.HTTPAddr, srv, s.ShutdownTimeout, nil)
+	return app.Serve(ctx, logger, stdout, "api", s.HTTPAddr, srv, s.ShutdownTimeout, gateway.Stop)
 }

@@ -22,6 +22,7 @@ import (
 	"github.com/agentry/agentry/internal/config"
 	"github.com/agentry/agentry/internal/events"
 	"github.com/agentry/agentry/internal/metrics"
+	"github.com/agentry/agentry/internal/notify"
 	"github.com/agentry/agentry/internal/schedule"
 )
 
@@ -59,12 +60,14 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 	schedMetrics := metrics.NewScheduler(reg)
 	queueMetrics := metrics.NewQueue(reg)
 	queue := commands.NewQueue(asynq.NewClientFromRedisClient(rdb), s.RedisPrefix)
+	bus := events.NewBus(rdb, s.RedisPrefix, s.EventStreamMaxLen)
 	dispatcher := &commands.Dispatcher{
 		Store:  &commands.Store{DB: db, Limits: commands.Limits{OrgMaxInFlight: s.OrgMaxInFlight, OrgMaxQueued: s.OrgMaxQueued}},
 		Queue:  queue,
-		Events: events.NewBus(rdb, s.RedisPrefix, s.EventStreamMaxLen),
+		Events: bus,
 		Logger: logger,
 	}
+	notifications := &notify.Service{DB: db, Events: bus, Logger: logger}
 	reconciler := &commands.Reconciler{
 		Dispatcher: dispatcher,
 		Redis:      rdb,
@@ -73,6 +76,7 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 		Metrics:    schedMetrics,
 		Interval:   s.ReconcileInterval,
 		Retention:  s.CommandRetention,
+		OnFinish:   notifications.CommandFinished,
 	}
 	firer := &schedule.Firer{DB: db, Dispatcher: dispatcher, Logger: logger, Metrics: schedMetrics, Tick: time.Second}
 	leader := schedule.NewLeader(rdb, s.RedisPrefix, 10*time.Second, logger)

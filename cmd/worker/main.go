@@ -25,6 +25,7 @@ import (
 	"github.com/agentry/agentry/internal/egress"
 	"github.com/agentry/agentry/internal/events"
 	"github.com/agentry/agentry/internal/metrics"
+	"github.com/agentry/agentry/internal/notify"
 	"github.com/agentry/agentry/internal/secrets"
 	"github.com/agentry/agentry/internal/sqlq"
 )
@@ -75,10 +76,12 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 	cmdMetrics := metrics.NewCommands(reg)
 	commands.SetTransient(sqlq.IsUnavailable)
 	queue := commands.NewQueue(asynq.NewClientFromRedisClient(rdb), s.RedisPrefix)
+	bus := events.NewBus(rdb, s.RedisPrefix, s.EventStreamMaxLen)
+	notifications := &notify.Service{DB: db, Events: bus, Logger: logger}
 	dispatcher := &commands.Dispatcher{
 		Store:   &commands.Store{DB: db, Limits: commands.Limits{OrgMaxInFlight: s.OrgMaxInFlight, OrgMaxQueued: s.OrgMaxQueued}},
 		Queue:   queue,
-		Events:  events.NewBus(rdb, s.RedisPrefix, s.EventStreamMaxLen),
+		Events:  bus,
 		Logger:  logger,
 		Metrics: cmdMetrics,
 	}
@@ -90,6 +93,7 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 		Metrics:    cmdMetrics,
 		WorkerID:   workerID(),
 		Heartbeat:  s.WorkerHeartbeat,
+		OnFinish:   notifications.CommandFinished,
 	}
 	if err := runner.Start(ctx); err != nil {
 		return err

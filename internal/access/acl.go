@@ -20,6 +20,20 @@ import (
 type ACL struct {
 	DB    *sqlx.DB
 	Audit *Audit
+	// Changed, if set, is told of every change to an organization's
+	// entries (the cache and the WebSocket gateway re-check access).
+	Changed func(ctx context.Context, orgID, resourceType, resourceID string)
+}
+
+func (a *ACL) changed(ctx context.Context, orgID, typ string, resourceID *string) {
+	if a.Changed == nil {
+		return
+	}
+	id := ""
+	if resourceID != nil {
+		id = *resourceID
+	}
+	a.Changed(ctx, orgID, typ, id)
 }
 
 // CanAdminister reports whether p may change the ACL of ref (nil: of the
@@ -137,6 +151,7 @@ func (a *ACL) Grant(ctx context.Context, p *platform.Principal, s platform.Scope
 	}
 	a.Audit.Record(ctx, platform.AuditEvent{Action: "acl.grant", ResourceType: s.Type, ResourceID: resourceID, Outcome: "ok",
 		Details: platform.JSONObject{"entry_id": e.ID, "principal_id": g.PrincipalID, "principal_kind": kind, "action": g.Action, "effect": g.Effect}})
+	a.changed(ctx, orgID, s.Type, resourceID)
 	return e, nil
 }
 
@@ -163,6 +178,11 @@ func (a *ACL) Revoke(ctx context.Context, p *platform.Principal, s platform.Scop
 		resourceID = &ref.ID
 	}
 	a.Audit.Record(ctx, platform.AuditEvent{Action: "acl.revoke", ResourceType: s.Type, ResourceID: resourceID, Outcome: "ok", Details: platform.JSONObject{"entry_id": entryID}})
+	org := p.OrgID
+	if ref != nil {
+		org = ref.OrgID
+	}
+	a.changed(ctx, org, s.Type, resourceID)
 	return nil
 }
 

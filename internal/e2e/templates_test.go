@@ -494,7 +494,8 @@ func TestEnvironmentSecretsAndVariables(t *testing.T) {
 	keep(tplMustFail(t, u.Client, 400, "POST", "/v1/environments", map[string]any{"name": "x", "secrets": map[string]any{"1BAD": secretValues[3]}}, "body.secrets.1BAD"))
 	keep(tplMustFail(t, u.Client, 400, "PATCH", "/v1/environments/"+id, map[string]any{"secrets": map[string]any{"bad-name": secretValues[3]}}, "body.secrets.bad-name"))
 	keep(tplMustFail(t, u.Client, 400, "POST", "/v1/environments", map[string]any{"name": "x", "params": map[string]any{"variables": map[string]any{"OK": "1", "N": 2}}, "secrets": map[string]any{"S": secretValues[3]}}, "body.params.variables.N"))
-	keep(tplMustFail(t, u.Client, 400, "POST", "/v1/environments", map[string]any{"name": "x", "params": map[string]any{"other": "1"}, "secrets": map[string]any{"S": secretValues[3]}}))
+	keep(tplMustFail(t, u.Client, 400, "POST", "/v1/environments", map[string]any{"name": "x", "params": map[string]any{"other": "1"}, "secrets": map[string]any{"S": secretValues[3]}}, "body.params.other"))
+	keep(tplMustFail(t, u.Client, 400, "POST", "/v1/templates/"+tpl+"/instantiate", map[string]any{"name": "x", "params": map[string]any{"variables": map[string]any{"1BAD": "x"}}, "secrets": map[string]any{"S": secretValues[3]}}, "body.params.variables.1BAD"))
 
 	// Deleting a secret.
 	u.Must(204, "DELETE", "/v1/environments/"+id+"/secrets/API_TOKEN", nil)

@@ -86,7 +86,7 @@ type tasksOutput struct {
 }
 
 func (s *Server) commandRoutes(d Deps, res *Resources) {
-	cmds := crud.Register(d.Registry, crud.Resource[platform.Command, struct{}]{
+	res.Commands = crud.Register(d.Registry, crud.Resource[platform.Command, struct{}]{
 		Scope: CommandScope, Path: "/v1/commands", Table: "commands", Tag: "Commands",
 		Ops:         crud.OpRead | crud.OpList | crud.OpACL,
 		Description: "Commands dispatched to agents, with their status, progress, result and timings. Dispatch with POST /v1/agents/{id}/commands.",
@@ -121,7 +121,7 @@ func (s *Server) commandRoutes(d Deps, res *Resources) {
 	huma.Register(s.API, s.op(http.MethodGet, "/v1/commands/{id}/events", "list-command-events", "Commands", "A command's history",
 		"Every transition and progress report of the command, oldest first.", http.StatusOK, true, http.StatusNotFound),
 		func(ctx context.Context, in *eventsInput) (*eventsOutput, error) {
-			if _, _, err := cmds.Get(ctx, in.ID, crud.ActionRead); err != nil {
+			if _, _, err := res.Commands.Get(ctx, in.ID, crud.ActionRead); err != nil {
 				return nil, err
 			}
 			items, err := d.Dispatcher.Store.Events(ctx, in.ID, in.After, in.Limit)
@@ -137,7 +137,7 @@ func (s *Server) commandRoutes(d Deps, res *Resources) {
 		"A queued command is canceled at once; a running one is stopped as soon as its worker hears (its handler's context is cancelled) and ends canceled. A canceled command is never retried. A finished command is 409. Needs `Command.cancel`.",
 		http.StatusOK, true, http.StatusNotFound, http.StatusForbidden, http.StatusConflict),
 		func(ctx context.Context, in *commandIDInput) (*commandOutput, error) {
-			c, _, err := cmds.Get(ctx, in.ID, "cancel")
+			c, _, err := res.Commands.Get(ctx, in.ID, "cancel")
 			if err != nil {
 				return nil, err
 			}
@@ -152,7 +152,7 @@ func (s *Server) commandRoutes(d Deps, res *Resources) {
 		"Puts a failed command back in its agent's backlog with its retries renewed. Needs `Command.retry`; only failed commands (409 otherwise).",
 		http.StatusOK, true, http.StatusNotFound, http.StatusForbidden, http.StatusConflict),
 		func(ctx context.Context, in *commandIDInput) (*commandOutput, error) {
-			c, _, err := cmds.Get(ctx, in.ID, "retry")
+			c, _, err := res.Commands.Get(ctx, in.ID, "retry")
 			if err != nil {
 				return nil, err
 			}

@@ -72,6 +72,7 @@ var secretName = regexp.MustCompile(`^[A-Za-z_][A-Za-z0-9_]{0,127}$`)
 
 // Resources are the handles of the templated resource types.
 type Resources struct {
+	Commands     *crud.Handle[platform.Command]
 	Templates    *crud.Handle[templates.Template]
 	Agents       *crud.Handle[platform.Agent]
 	Environments *crud.Handle[platform.Environment]

@@ -30,6 +30,8 @@ type Deps struct {
 	Sealer *secrets.Sealer
 	// Dispatcher accepts commands.
 	Dispatcher *commands.Dispatcher
+	// Realtime serves the WebSocket gateway and notifications.
+	Realtime *Realtime
 }
 
 // Routes registers the whole API surface on s. Every operation of the
@@ -49,6 +51,9 @@ func (s *Server) Routes(d Deps) {
 		return &ref, nil
 	})
 	s.commandRoutes(d, res)
+	if d.Realtime != nil {
+		s.realtimeRoutes(d, res)
+	}
 	s.aclRoutes(d)
 	s.auditRoutes(d)
 }

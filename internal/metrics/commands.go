@@ -165,3 +165,32 @@ func (m *Queue) Clear() {
 	m.inFlight.Reset()
 	m.waiting.Set(0)
 }
+
+// Realtime counts the WebSocket gateway.
+type Realtime struct {
+	connections   prometheus.Gauge
+	subscriptions prometheus.Gauge
+	sent          prometheus.Counter
+	slow          prometheus.Counter
+}
+
+// NewRealtime registers the gateway's metrics on r.
+func NewRealtime(r *Registry) *Realtime {
+	m := &Realtime{
+		connections: prometheus.NewGauge(prometheus.GaugeOpts{Namespace: Namespace, Subsystem: "ws", Name: "connections",
+			Help: "WebSocket connections open on this API replica."}),
+		subscriptions: prometheus.NewGauge(prometheus.GaugeOpts{Namespace: Namespace, Subsystem: "ws", Name: "subscriptions",
+			Help: "Topic subscriptions of this replica's WebSocket connections."}),
+		sent: prometheus.NewCounter(prometheus.CounterOpts{Namespace: Namespace, Subsystem: "ws", Name: "messages_sent_total",
+			Help: "Messages (events and replies) sent to WebSocket clients."}),
+		slow: prometheus.NewCounter(prometheus.CounterOpts{Namespace: Namespace, Subsystem: "ws", Name: "slow_clients_dropped_total",
+			Help: "WebSocket clients disconnected for falling behind (close code 4008)."}),
+	}
+	r.MustRegister(m.connections, m.subscriptions, m.sent, m.slow)
+	return m
+}
+
+func (m *Realtime) Connections(d int)   { m.connections.Add(float64(d)) }
+func (m *Realtime) Subscriptions(d int) { m.subscriptions.Add(float64(d)) }
+func (m *Realtime) EventsSent(n int)    { m.sent.Add(float64(n)) }
+func (m *Realtime) SlowClient()         { m.slow.Inc() }

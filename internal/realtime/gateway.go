@@ -1,0 +1,373 @@
+// Package realtime is agentry's WebSocket gateway: it relays the events of
+// the topics a client subscribes to (agent:{id}, command:{id}, user:me),
+// from Redis to every API replica's clients, after an access decision at
+// subscribe time that is made again whenever the client's access may have
+// changed.
+//
+// One Redis pub/sub connection per replica subscribes to the channels of the
+// topics its clients follow, so an event published once reaches each
+// subscribed client once, in order per topic. A client resuming with the
+// last event id it saw gets what it missed from the topic's Redis stream,
+// then live events, without gaps or repeats. Each connection has a bounded
+// send queue: a client too slow to keep up is disconnected with close code
+// 4008 and reconnects with since, and never slows the others.
+package realtime
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"log/slog"
+	"net/http"
+	"strconv"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/gorilla/websocket"
+	"github.com/redis/go-redis/v9"
+
+	"github.com/agentry/agentry/internal/events"
+	"github.com/agentry/agentry/internal/platform"
+)
+
+// Close codes the gateway uses, besides the standard ones.
+const (
+	// CloseSlowConsumer: the client fell too far behind; reconnect and
+	// resubscribe with since.
+	CloseSlowConsumer = 4008
+	// CloseRevoked: the session or credentials were revoked.
+	CloseRevoked = 4001
+)
+
+// Message is every message the server sends.
+type Message struct {
+	Type  string          `json:"type"`
+	Topic string          `json:"topic"`
+	ID    string          `json:"id"`
+	Data  json.RawMessage `json:"data"`
+}
+
+// clientMessage is what a client sends.
+type clientMessage struct {
+	Type  string `json:"type"`
+	Topic string `json:"topic"`
+	Since string `json:"since"`
+}
+
+// Authorize decides a subscription: it returns the canonical topic
+// (user:me becomes user:{id}) or an error to tell the client.
+type Authorize func(ctx context.Context, p *platform.Principal, topic string) (string, error)
+
+// Metrics counts the gateway.
+type Metrics interface {
+	Connections(delta int)
+	Subscriptions(delta int)
+	EventsSent(n int)
+	SlowClient()
+}
+
+type noMetrics struct{}
+
+func (noMetrics) Connections(int)   {}
+func (noMetrics) Subscriptions(int) {}
+func (noMetrics) EventsSent(int)    {}
+func (noMetrics) SlowClient()       {}
+
+// Gateway is the WebSocket hub of one API replica.
+type Gateway struct {
+	Events    *events.Bus
+	Redis     redis.UniversalClient
+	Authorize Authorize
+	Logger    *slog.Logger
+	Metrics   Metrics
+	// SendQueue bounds each connection's queue of messages to send.
+	SendQueue int
+	// PingInterval is how often the server pings; a peer silent for two
+	// intervals is dead.
+	PingInterval time.Duration
+	// MaxSubscriptions bounds the topics one connection may follow.
+	MaxSubscriptions int
+
+	mu      sync.Mutex
+	conns   map[*conn]struct{}
+	topics  map[string]map[*conn]struct{}
+	waiting map[string][]chan struct{} // channel → subscribers awaiting Redis' confirmation
+	ps      *redis.PubSub
+	closing bool
+
+	stopOnce sync.Once
+	cancel   context.CancelFunc
+	done     chan struct{}
+}
+
+// Start opens the pub/sub connection and relays events until Stop.
+func (g *Gateway) Start(ctx context.Context) error {
+	if g.Metrics == nil {
+		g.Metrics = noMetrics{}
+	}
+	if g.SendQueue <= 0 {
+		g.SendQueue = 256
+	}
+	if g.PingInterval <= 0 {
+		g.PingInterval = 20 * time.Second
+	}
+	if g.MaxSubscriptions <= 0 {
+		g.MaxSubscriptions = 1000
+	}
+	g.conns = map[*conn]struct{}{}
+	g.topics = map[string]map[*conn]struct{}{}
+	g.waiting = map[string][]chan struct{}{}
+	ctx, g.cancel = context.WithCancel(ctx)
+	g.done = make(chan struct{})
+	g.ps = g.Redis.Subscribe(ctx)
+	go g.relay(ctx)
+	return nil
+}
+
+// relay reads the pub/sub connection and fans each event out to the local
+// subscribers of its topic.
+func (g *Gateway) relay(ctx context.Context) {
+	defer close(g.done)
+	for {
+		msg, err := g.ps.Receive(ctx)
+		if err != nil {
+			if ctx.Err() != nil {
+				return
+			}
+			// go-redis reconnects and resubscribes by itself; events
+			// published meanwhile are in the streams for clients to replay.
+			g.Logger.Warn("event relay interrupted", "err", err)
+			select {
+			case <-ctx.Done():
+				return
+			case <-time.After(100 * time.Millisecond):
+			}
+			continue
+		}
+		switch m := msg.(type) {
+		case *redis.Subscription:
+			if m.Kind == "subscribe" {
+				g.mu.Lock()
+				for _, ch := range g.waiting[m.Channel] {
+					close(ch)
+				}
+				delete(g.waiting, m.Channel)
+				g.mu.Unlock()
+			}
+		case *redis.Message:
+			g.fanOut(g.Events.TopicOf(m.Channel), m.Payload)
+		}
+	}
+}
+
+func (g *Gateway) fanOut(topic, payload string) {
+	var head struct {
+		ID string `json:"id"`
+	}
+	if err := json.Unmarshal([]byte(payload), &head); err != nil {
+		return
+	}
+	g.mu.Lock()
+	subs := make([]*conn, 0, len(g.topics[topic]))
+	for c := range g.topics[topic] {
+		subs = append(subs, c)
+	}
+	g.mu.Unlock()
+	for _, c := range subs {
+		c.deliver(topic, head.ID, []byte(payload))
+	}
+}
+
+// subscribe adds c to topic's subscribers and returns once Redis delivers
+// the topic's events to this replica.
+func (g *Gateway) subscribe(ctx context.Context, c *conn, topic string) error {
+	g.mu.Lock()
+	subs := g.topics[topic]
+	first := subs == nil
+	if first {
+		subs = map[*conn]struct{}{}
+		g.topics[topic] = subs
+	}
+	subs[c] = struct{}{}
+	channel := g.Events.Channel(topic)
+	var confirmed chan struct{}
+	if first || g.waiting[channel] != nil {
+		confirmed = make(chan struct{})
+		g.waiting[channel] = append(g.waiting[channel], confirmed)
+	}
+	g.mu.Unlock()
+	g.Metrics.Subscriptions(1)
+	if confirmed == nil {
+		return nil
+	}
+	if first {
+		if err := g.ps.Subscribe(ctx, channel); err != nil {
+			return err
+		}
+	}
+	select {
+	case <-confirmed:
+		return nil
+	case <-ctx.Done():
+		return ctx.Err()
+	case <-time.After(5 * time.Second):
+		return errors.New("event subscription not confirmed")
+	}
+}
+
+func (g *Gateway) unsubscribe(c *conn, topic string) {
+	g.mu.Lock()
+	subs := g.topics[topic]
+	if _, ok := subs[c]; !ok {
+		g.mu.Unlock()
+		return
+	}
+	delete(subs, c)
+	last := len(subs) == 0
+	if last {
+		delete(g.topics, topic)
+	}
+	g.mu.Unlock()
+	g.Metrics.Subscriptions(-1)
+	if last {
+		_ = g.ps.Unsubscribe(context.Background(), g.Events.Channel(topic))
+	}
+}
+
+// Stop tells every client to reconnect elsewhere, closes their connections
+// and the pub/sub connection. It is idempotent.
+func (g *Gateway) Stop(ctx context.Context) {
+	g.stopOnce.Do(func() {
+		g.mu.Lock()
+		g.closing = true
+		conns := make([]*conn, 0, len(g.conns))
+		for c := range g.conns {
+			conns = append(conns, c)
+		}
+		g.mu.Unlock()
+		for _, c := range conns {
+			c.shutdown(websocket.CloseServiceRestart, "server restarting: reconnect and resubscribe with since")
+		}
+		for _, c := range conns {
+			select {
+			case <-c.done:
+			case <-ctx.Done():
+			}
+		}
+		if g.cancel != nil {
+			g.cancel()
+			_ = g.ps.Close()
+			<-g.done
+		}
+	})
+}
+
+// Connections returns how many clients are connected.
+func (g *Gateway) Connections() int {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	return len(g.conns)
+}
+
+// Invalidate is told of credential and access changes (the cache bus):
+// connections whose session was revoked are closed, and those whose access
+// may have changed re-check their subscriptions.
+func (g *Gateway) Invalidate(keys ...string) {
+	g.mu.Lock()
+	var recheck, revoke []*conn
+	for c := range g.conns {
+		for _, key := range keys {
+			switch {
+			case key == "*" || key == "facts:*":
+				recheck = append(recheck, c)
+			case strings.HasPrefix(key, "session:") && c.session != "" && key == "session:"+c.session:
+				revoke = append(revoke, c)
+			case strings.HasPrefix(key, "facts:") && strings.HasPrefix(key, "facts:"+c.principal().ID+":"):
+				recheck = append(recheck, c)
+			case strings.HasPrefix(key, "key:") && c.keyPrefix != "" && key == "key:"+c.keyPrefix:
+				recheck = append(recheck, c)
+			case strings.HasPrefix(key, "acl:") && key == "acl:"+c.principal().OrgID:
+				recheck = append(recheck, c)
+			default:
+				continue
+			}
+			break
+		}
+	}
+	g.mu.Unlock()
+	for _, c := range revoke {
+		c.shutdown(CloseRevoked, "session revoked")
+	}
+	for _, c := range recheck {
+		c.requestRecheck()
+	}
+}
+
+// Upgrader settings: small buffers (a pool shares write buffers), since a
+// replica holds many mostly idle connections.
+var writeBuffers = &sync.Pool{}
+
+// Accept upgrades an authenticated request to a WebSocket connection and
+// serves it until it ends. rebuild reloads the principal (to re-check
+// access); session and keyPrefix say which revocations end it.
+func (g *Gateway) Accept(w http.ResponseWriter, r *http.Request, p *platform.Principal, rebuild func(context.Context) (*platform.Principal, error), session, keyPrefix string) {
+	up := websocket.Upgrader{
+		ReadBufferSize:    1024,
+		WriteBufferSize:   1024,
+		WriteBufferPool:   writeBuffers,
+		HandshakeTimeout:  10 * time.Second,
+		EnableCompression: false,
+		// The origin was checked before the upgrade (Handler), against the
+		// allowed origins; nothing reaches here unchecked.
+		CheckOrigin: func(*http.Request) bool { return true },
+	}
+	ws, err := up.Upgrade(w, r, nil)
+	if err != nil {
+		return // the upgrader answered the client
+	}
+	c := &conn{
+		g: g, ws: ws, rebuild: rebuild, session: session, keyPrefix: keyPrefix,
+		send: make(chan []byte, g.SendQueue), subs: map[string]*subscription{},
+		done: make(chan struct{}), recheck: make(chan struct{}, 1), closing: make(chan closeReq, 1),
+	}
+	c.p.Store(p)
+	g.mu.Lock()
+	if g.closing {
+		g.mu.Unlock()
+		_ = ws.WriteControl(websocket.CloseMessage, websocket.FormatCloseMessage(websocket.CloseServiceRestart, "server restarting"), time.Now().Add(time.Second))
+		ws.Close()
+		return
+	}
+	g.conns[c] = struct{}{}
+	g.mu.Unlock()
+	g.Metrics.Connections(1)
+	c.serve(context.WithoutCancel(r.Context()))
+	g.mu.Lock()
+	delete(g.conns, c)
+	g.mu.Unlock()
+	g.Metrics.Connections(-1)
+}
+
+// compareIDs orders two stream ids (ms-seq): -1, 0 or 1.
+func compareIDs(a, b string) int {
+	am, as, _ := strings.Cut(a, "-")
+	bm, bs, _ := strings.Cut(b, "-")
+	an, _ := strconv.ParseUint(am, 10, 64)
+	bn, _ := strconv.ParseUint(bm, 10, 64)
+	if an != bn {
+		if an < bn {
+			return -1
+		}
+		return 1
+	}
+	asq, _ := strconv.ParseUint(as, 10, 64)
+	bsq, _ := strconv.ParseUint(bs, 10, 64)
+	switch {
+	case asq < bsq:
+		return -1
+	case asq > bsq:
+		return 1
+	}
+	return 0
+}
