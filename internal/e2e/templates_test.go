@@ -17,7 +17,7 @@ func tplCreate(t *testing.T, u *User, kind, name, parent string, params map[stri
 	if parent != "" {
 		body["parent_id"] = parent
 	}
-	return on(t, u.Client).Must(201, "POST", "/v1/templates", body).Str(t, "id")
+	return tplOn(t, u.Client).Must(201, "POST", "/v1/templates", body).Str(t, "id")
 }
 
 // tplChain creates n agent templates, each the child of the one before
@@ -49,9 +49,9 @@ func tplFields(t *testing.T, r *Response) []string {
 	return out
 }
 
-// on returns a copy of c reporting to t: a subtest's failure must not end
+// tplOn returns a copy of c reporting to t: a subtest's failure must not end
 // its parent.
-func on(t *testing.T, c *Client) *Client {
+func tplOn(t *testing.T, c *Client) *Client {
 	cp := *c
 	cp.t = t
 	return &cp
@@ -61,7 +61,7 @@ func on(t *testing.T, c *Client) *Client {
 // exactly the fields want (when want is not nil).
 func tplMustFail(t *testing.T, c *Client, status int, method, path string, body any, want ...string) *Response {
 	t.Helper()
-	r := on(t, c).Must(status, method, path, body)
+	r := tplOn(t, c).Must(status, method, path, body)
 	if ct := r.Header.Get("Content-Type"); !strings.HasPrefix(ct, "application/problem+json") {
 		t.Errorf("%s %s: want a problem, got Content-Type %q", method, path, ct)
 	}
@@ -74,8 +74,8 @@ func tplMustFail(t *testing.T, c *Client, status int, method, path string, body 
 	return r
 }
 
-// jsonOf decodes a JSON text, for comparing with answers.
-func jsonOf(t *testing.T, s string) any {
+// tplJSON decodes a JSON text, for comparing with answers.
+func tplJSON(t *testing.T, s string) any {
 	t.Helper()
 	var v any
 	if err := json.Unmarshal([]byte(s), &v); err != nil {
@@ -84,9 +84,10 @@ func jsonOf(t *testing.T, s string) any {
 	return v
 }
 
-func wantJSON(t *testing.T, what string, got any, want string) {
+// tplWantJSON fails t unless got, decoded from an answer, is the JSON want.
+func tplWantJSON(t *testing.T, what string, got any, want string) {
 	t.Helper()
-	if w := jsonOf(t, want); !reflect.DeepEqual(got, w) {
+	if w := tplJSON(t, want); !reflect.DeepEqual(got, w) {
 		data, _ := json.Marshal(got)
 		t.Fatalf("%s:\nwant %s\n got %s", what, want, data)
 	}
@@ -234,7 +235,7 @@ func TestTemplateParentChecks(t *testing.T) {
 				tplMustFail(t, u.Client, tc.status, tc.method, tc.path, tc.body, tc.fields...)
 				return
 			}
-			on(t, u.Client).Must(tc.status, tc.method, tc.path, tc.body)
+			tplOn(t, u.Client).Must(tc.status, tc.method, tc.path, tc.body)
 		})
 	}
 	if got := u.Must(200, "GET", "/v1/templates/"+agent, nil).JSON(t)["parent_id"]; got != nil {
@@ -275,13 +276,13 @@ func TestTemplateResolveAndInstantiate(t *testing.T) {
 	leaf := tplCreate(t, u, "agent", "leaf", mid, map[string]any{"max_concurrency": 4})
 
 	res := u.Must(200, "GET", "/v1/templates/"+leaf+"/resolved", nil).JSON(t)
-	wantJSON(t, "resolved params", res["params"], `{"max_concurrency":4,"command_timeout_s":60,"labels":{"team":"core","zone":"eu"},"allowed_tasks":["echo"]}`)
-	wantJSON(t, "sources", res["sources"], fmt.Sprintf(`{"max_concurrency":%q,"command_timeout_s":%q,"labels":%q,"allowed_tasks":%q}`, leaf, root, mid, mid))
+	tplWantJSON(t, "resolved params", res["params"], `{"max_concurrency":4,"command_timeout_s":60,"labels":{"team":"core","zone":"eu"},"allowed_tasks":["echo"]}`)
+	tplWantJSON(t, "sources", res["sources"], fmt.Sprintf(`{"max_concurrency":%q,"command_timeout_s":%q,"labels":%q,"allowed_tasks":%q}`, leaf, root, mid, mid))
 	var chain []any
 	for _, tp := range res["chain"].([]any) {
 		chain = append(chain, tp.(map[string]any)["id"])
 	}
-	wantJSON(t, "chain, root first", chain, fmt.Sprintf(`[%q,%q,%q]`, root, mid, leaf))
+	tplWantJSON(t, "chain, root first", chain, fmt.Sprintf(`[%q,%q,%q]`, root, mid, leaf))
 	u.Must(404, "GET", "/v1/templates/00000000-0000-4000-8000-000000000000/resolved", nil)
 
 	overrides := `{"command_timeout_s":30,"labels":{"zone":null,"owner":"ada"}}`
@@ -291,14 +292,14 @@ func TestTemplateResolveAndInstantiate(t *testing.T) {
 		if a["template_id"] != leaf {
 			t.Errorf("template_id: want %s, got %v", leaf, a["template_id"])
 		}
-		wantJSON(t, "overrides", a["overrides"], overrides)
-		wantJSON(t, "config", a["config"], wantConfig)
-		stored := on(t, u.Client).Must(200, "GET", "/v1/agents/"+a["id"].(string), nil).JSON(t)
-		wantJSON(t, "stored config", stored["config"], wantConfig)
-		wantJSON(t, "stored overrides", stored["overrides"], overrides)
+		tplWantJSON(t, "overrides", a["overrides"], overrides)
+		tplWantJSON(t, "config", a["config"], wantConfig)
+		stored := tplOn(t, u.Client).Must(200, "GET", "/v1/agents/"+a["id"].(string), nil).JSON(t)
+		tplWantJSON(t, "stored config", stored["config"], wantConfig)
+		tplWantJSON(t, "stored overrides", stored["overrides"], overrides)
 	}
 	t.Run("instantiate", func(t *testing.T) {
-		r := on(t, u.Client).Must(201, "POST", "/v1/templates/"+leaf+"/instantiate", `{"name":"from-template","description":"d","params":`+overrides+`}`)
+		r := tplOn(t, u.Client).Must(201, "POST", "/v1/templates/"+leaf+"/instantiate", `{"name":"from-template","description":"d","params":`+overrides+`}`)
 		a := r.JSON(t)
 		if want := "/v1/agents/" + a["id"].(string); r.Header.Get("Location") != want {
 			t.Errorf("Location: want %s, got %q", want, r.Header.Get("Location"))
@@ -309,11 +310,11 @@ func TestTemplateResolveAndInstantiate(t *testing.T) {
 		check(t, a)
 	})
 	t.Run("create with template_id", func(t *testing.T) {
-		check(t, on(t, u.Client).Must(201, "POST", "/v1/agents", `{"name":"created","template_id":"`+leaf+`","params":`+overrides+`}`).JSON(t))
+		check(t, tplOn(t, u.Client).Must(201, "POST", "/v1/agents", `{"name":"created","template_id":"`+leaf+`","params":`+overrides+`}`).JSON(t))
 	})
 	t.Run("instantiate without params", func(t *testing.T) {
-		a := on(t, u.Client).Must(201, "POST", "/v1/templates/"+leaf+"/instantiate", map[string]any{"name": "plain"}).JSON(t)
-		wantJSON(t, "config", a["config"], `{"max_concurrency":4,"command_timeout_s":60,"labels":{"team":"core","zone":"eu"},"allowed_tasks":["echo"]}`)
+		a := tplOn(t, u.Client).Must(201, "POST", "/v1/templates/"+leaf+"/instantiate", map[string]any{"name": "plain"}).JSON(t)
+		tplWantJSON(t, "config", a["config"], `{"max_concurrency":4,"command_timeout_s":60,"labels":{"team":"core","zone":"eu"},"allowed_tasks":["echo"]}`)
 	})
 
 	bad := tplCreate(t, u, "agent", "bad", leaf, map[string]any{"max_concurrency": 500})
@@ -349,7 +350,7 @@ func TestTemplateResolveAndInstantiate(t *testing.T) {
 				tplMustFail(t, u.Client, tc.status, tc.method, tc.path, tc.body, tc.fields...)
 				return
 			}
-			on(t, u.Client).Must(tc.status, tc.method, tc.path, tc.body)
+			tplOn(t, u.Client).Must(tc.status, tc.method, tc.path, tc.body)
 		})
 	}
 	t.Run("instantiate: params not an object", func(t *testing.T) {
@@ -376,7 +377,7 @@ func TestTemplateInstantiateNeedsReadOnTheChain(t *testing.T) {
 	// With read access on the whole chain, the member instantiates.
 	member.Must(200, "GET", "/v1/templates/"+child+"/resolved", nil)
 	a := member.Must(201, "POST", "/v1/templates/"+child+"/instantiate", map[string]any{"name": "mine"}).JSON(t)
-	wantJSON(t, "config", a["config"], `{"max_concurrency":2,"labels":{"secret_sauce":"parent-only"}}`)
+	tplWantJSON(t, "config", a["config"], `{"max_concurrency":2,"labels":{"secret_sauce":"parent-only"}}`)
 
 	owner.Must(201, "POST", "/v1/templates/"+parent+"/acl", map[string]any{"principal_id": m.ID, "action": "read", "effect": "deny"})
 
@@ -395,7 +396,7 @@ func TestTemplateInstantiateNeedsReadOnTheChain(t *testing.T) {
 
 	t.Run("instantiate answers 404", func(t *testing.T) {
 		t.Skip("BUG: httpapi configureAgent/configureEnv turn the chain's ENOTFOUND into 400 body.template_id, also for the template in the instantiate path")
-		r := on(t, member).Must(404, "POST", "/v1/templates/"+child+"/instantiate", map[string]any{"name": "x"})
+		r := tplOn(t, member).Must(404, "POST", "/v1/templates/"+child+"/instantiate", map[string]any{"name": "x"})
 		if strings.Contains(string(r.Body), "parent-only") {
 			t.Fatalf("the refusal shows the parent's params: %s", r.Body)
 		}
@@ -412,14 +413,14 @@ func TestTemplateEditAndResync(t *testing.T) {
 	made := u.Must(201, "POST", "/v1/templates/"+tpl+"/instantiate", map[string]any{"name": "a", "params": map[string]any{"allowed_tasks": []string{"echo"}}}).JSON(t)
 	id := made["id"].(string)
 	before := `{"command_timeout_s":60,"max_concurrency":2,"labels":{"a":"1"},"allowed_tasks":["echo"]}`
-	wantJSON(t, "config", made["config"], before)
+	tplWantJSON(t, "config", made["config"], before)
 
 	u.Must(200, "PATCH", "/v1/templates/"+root, map[string]any{"params": map[string]any{"command_timeout_s": nil, "extra": "yes"}})
 	u.Must(200, "PATCH", "/v1/templates/"+tpl, map[string]any{"params": map[string]any{"max_concurrency": 3, "labels": map[string]any{"b": "2"}}})
 
 	// Editing templates leaves the agents made from them alone.
 	got := u.Must(200, "GET", "/v1/agents/"+id, nil).JSON(t)
-	wantJSON(t, "config after the edit", got["config"], before)
+	tplWantJSON(t, "config after the edit", got["config"], before)
 	if got["version"] != made["version"] {
 		t.Fatalf("the agent's version moved from %v to %v", made["version"], got["version"])
 	}
@@ -428,12 +429,12 @@ func TestTemplateEditAndResync(t *testing.T) {
 	if r["changed"] != true {
 		t.Fatalf("resync: want changed, got %v", r)
 	}
-	wantJSON(t, "diff", r["diff"], `{"added":{"extra":"yes"},"removed":{"command_timeout_s":60},"changed":{"max_concurrency":[2,3],"labels":[{"a":"1"},{"a":"1","b":"2"}]}}`)
+	tplWantJSON(t, "diff", r["diff"], `{"added":{"extra":"yes"},"removed":{"command_timeout_s":60},"changed":{"max_concurrency":[2,3],"labels":[{"a":"1"},{"a":"1","b":"2"}]}}`)
 	after := `{"extra":"yes","max_concurrency":3,"labels":{"a":"1","b":"2"},"allowed_tasks":["echo"]}`
-	wantJSON(t, "resynced resource", r["resource"].(map[string]any)["config"], after)
+	tplWantJSON(t, "resynced resource", r["resource"].(map[string]any)["config"], after)
 	got = u.Must(200, "GET", "/v1/agents/"+id, nil).JSON(t)
-	wantJSON(t, "stored config", got["config"], after)
-	wantJSON(t, "overrides kept", got["overrides"], `{"allowed_tasks":["echo"]}`)
+	tplWantJSON(t, "stored config", got["config"], after)
+	tplWantJSON(t, "overrides kept", got["overrides"], `{"allowed_tasks":["echo"]}`)
 	version := got["version"]
 	if version == made["version"] {
 		t.Fatalf("resync did not bump the version (%v)", version)
@@ -443,7 +444,7 @@ func TestTemplateEditAndResync(t *testing.T) {
 	if r["changed"] != false {
 		t.Fatalf("second resync: want no change, got %v", r)
 	}
-	wantJSON(t, "second diff", r["diff"], `{"added":{},"removed":{},"changed":{}}`)
+	tplWantJSON(t, "second diff", r["diff"], `{"added":{},"removed":{},"changed":{}}`)
 	if v := u.Must(200, "GET", "/v1/agents/"+id, nil).JSON(t)["version"]; v != version {
 		t.Fatalf("a resync without change moved the version from %v to %v", version, v)
 	}
@@ -451,7 +452,7 @@ func TestTemplateEditAndResync(t *testing.T) {
 	// A template edited out of the schema: the resync is refused and the agent kept.
 	u.Must(200, "PATCH", "/v1/templates/"+tpl, map[string]any{"params": map[string]any{"max_concurrency": 500}})
 	tplMustFail(t, u.Client, 400, "POST", "/v1/agents/"+id+"/resync", nil, "body.params.max_concurrency")
-	wantJSON(t, "config after a refused resync", u.Must(200, "GET", "/v1/agents/"+id, nil).JSON(t)["config"], after)
+	tplWantJSON(t, "config after a refused resync", u.Must(200, "GET", "/v1/agents/"+id, nil).JSON(t)["config"], after)
 
 	plain := u.Must(201, "POST", "/v1/agents", map[string]any{"name": "plain"}).Str(t, "id")
 	tplMustFail(t, u.Client, 409, "POST", "/v1/agents/"+plain+"/resync", nil)
@@ -476,17 +477,17 @@ func TestEnvironmentSecretsAndVariables(t *testing.T) {
 		"secrets": map[string]any{"DB_PASSWORD": secretValues[0], "API_TOKEN": secretValues[1]},
 	})).JSON(t)
 	id := env["id"].(string)
-	wantJSON(t, "variables", env["params"], `{"variables":{"REGION":"eu","LEVEL":"debug","EXTRA":"1"}}`)
-	wantJSON(t, "secrets", env["secrets"], `{"DB_PASSWORD":"***","API_TOKEN":"***"}`)
+	tplWantJSON(t, "variables", env["params"], `{"variables":{"REGION":"eu","LEVEL":"debug","EXTRA":"1"}}`)
+	tplWantJSON(t, "secrets", env["secrets"], `{"DB_PASSWORD":"***","API_TOKEN":"***"}`)
 
 	inst := keep(u.Must(201, "POST", "/v1/templates/"+tpl+"/instantiate", map[string]any{"name": "staging", "secrets": map[string]any{"DB_PASSWORD": secretValues[0]}})).JSON(t)
-	wantJSON(t, "instantiated variables", inst["params"], `{"variables":{"REGION":"eu","LEVEL":"info"}}`)
-	wantJSON(t, "instantiated secrets", inst["secrets"], `{"DB_PASSWORD":"***"}`)
+	tplWantJSON(t, "instantiated variables", inst["params"], `{"variables":{"REGION":"eu","LEVEL":"info"}}`)
+	tplWantJSON(t, "instantiated secrets", inst["secrets"], `{"DB_PASSWORD":"***"}`)
 
 	keep(u.Must(200, "PATCH", "/v1/environments/"+id, map[string]any{"secrets": map[string]any{"THIRD": secretValues[2]}, "description": "patched"}))
 	keep(u.Must(200, "PUT", "/v1/environments/"+id, map[string]any{"name": "prod", "template_id": child, "params": map[string]any{"variables": map[string]any{"LEVEL": "debug", "EXTRA": "1", "TIER": nil}}}))
 	got := keep(u.Must(200, "GET", "/v1/environments/"+id, nil)).JSON(t)
-	wantJSON(t, "secrets after patch and put", got["secrets"], `{"DB_PASSWORD":"***","API_TOKEN":"***","THIRD":"***"}`)
+	tplWantJSON(t, "secrets after patch and put", got["secrets"], `{"DB_PASSWORD":"***","API_TOKEN":"***","THIRD":"***"}`)
 	keep(u.Must(200, "GET", "/v1/environments", nil))
 	keep(u.Must(200, "GET", "/v1/environments?name=prod", nil))
 
@@ -500,7 +501,7 @@ func TestEnvironmentSecretsAndVariables(t *testing.T) {
 	// Deleting a secret.
 	u.Must(204, "DELETE", "/v1/environments/"+id+"/secrets/API_TOKEN", nil)
 	got = keep(u.Must(200, "GET", "/v1/environments/"+id, nil)).JSON(t)
-	wantJSON(t, "secrets after delete", got["secrets"], `{"DB_PASSWORD":"***","THIRD":"***"}`)
+	tplWantJSON(t, "secrets after delete", got["secrets"], `{"DB_PASSWORD":"***","THIRD":"***"}`)
 	u.Must(404, "DELETE", "/v1/environments/"+id+"/secrets/API_TOKEN", nil)
 	u.Must(404, "DELETE", "/v1/environments/00000000-0000-4000-8000-000000000000/secrets/THIRD", nil)
 	s.Client(api).NewUser("other").Must(404, "DELETE", "/v1/environments/"+id+"/secrets/THIRD", nil)
@@ -508,8 +509,8 @@ func TestEnvironmentSecretsAndVariables(t *testing.T) {
 	// Variables follow the template on resync; secrets stay.
 	u.Must(200, "PATCH", "/v1/templates/"+tpl, map[string]any{"params": map[string]any{"variables": map[string]any{"REGION": "us", "NEW": "n"}}})
 	r := keep(u.Must(200, "POST", "/v1/environments/"+id+"/resync", nil)).JSON(t)
-	wantJSON(t, "environment diff", r["diff"], `{"added":{},"removed":{},"changed":{"variables":[{"REGION":"eu","LEVEL":"debug","EXTRA":"1"},{"REGION":"us","NEW":"n","LEVEL":"debug","EXTRA":"1"}]}}`)
-	wantJSON(t, "secrets after resync", r["resource"].(map[string]any)["secrets"], `{"DB_PASSWORD":"***","THIRD":"***"}`)
+	tplWantJSON(t, "environment diff", r["diff"], `{"added":{},"removed":{},"changed":{"variables":[{"REGION":"eu","LEVEL":"debug","EXTRA":"1"},{"REGION":"us","NEW":"n","LEVEL":"debug","EXTRA":"1"}]}}`)
+	tplWantJSON(t, "secrets after resync", r["resource"].(map[string]any)["secrets"], `{"DB_PASSWORD":"***","THIRD":"***"}`)
 
 	for _, resp := range seen {
 		for _, v := range secretValues {
