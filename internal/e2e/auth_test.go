@@ -18,7 +18,7 @@ import (
 func TestAuthRegisterValidation(t *testing.T) {
 	t.Parallel()
 	s := NewStack(t, nil)
-	c := s.Client(s.API())
+	c := s.Client(secAPI(t, s))
 	ada := c.NewUser("ada")
 	register := func(email, password, name string) *Response {
 		return c.Do("POST", "/v1/auth/register", map[string]any{"email": email, "password": password, "name": name})
@@ -64,7 +64,7 @@ func TestAuthRegisterValidation(t *testing.T) {
 func TestAuthSessionsAndKeys(t *testing.T) {
 	t.Parallel()
 	s := NewStack(t, nil)
-	c := s.Client(s.API())
+	c := s.Client(secAPI(t, s))
 	ada := c.NewUser("ada")
 
 	secStep(t, "login", func() {
@@ -204,7 +204,7 @@ func TestAuthSeedAdmin(t *testing.T) {
 		t.Fatalf("seed-admin again: %v: %q", err, out)
 	}
 
-	c := s.Client(s.API())
+	c := s.Client(secAPI(t, s))
 	ada := c.NewUser("ada")
 	secExpect(t, "a user lists users", ada.Do("GET", "/v1/users", nil), 403)
 	access, _ := secLogin(t, c, admin["AGENTRY_ADMIN_EMAIL"], admin["AGENTRY_ADMIN_PASSWORD"])

@@ -118,6 +118,16 @@ func secResources(t *testing.T, u *User) []string {
 	return []string{"/v1/agents/" + agent, "/v1/templates/" + tpl, "/v1/environments/" + env}
 }
 
+// secAPI starts an API process of s that is killed, not stopped, when the
+// test ends: these tests are not about shutdown, and a graceful stop takes
+// 20 seconds until cache.Bus.Stop stops promptly (TestAPIShutsDownPromptly).
+func secAPI(t *testing.T, s *Stack) *Proc {
+	t.Helper()
+	api := s.API()
+	t.Cleanup(api.Kill)
+	return api
+}
+
 // secStep runs one step of a scenario. The steps of a scenario share its
 // stack and its clients, which fail the scenario's test, so they are not
 // subtests.
@@ -133,7 +143,7 @@ func collection(path string) string { return path[:strings.LastIndex(path, "/")]
 func TestOWASPAPI1BrokenObjectLevelAuthorization(t *testing.T) {
 	t.Parallel()
 	s := NewStack(t, nil)
-	c := s.Client(s.API())
+	c := s.Client(secAPI(t, s))
 	alice, bob := c.NewUser("alice"), c.NewUser("bob")
 	paths := secResources(t, alice)
 
@@ -257,7 +267,7 @@ func TestOWASPAPI1BrokenObjectLevelAuthorization(t *testing.T) {
 func TestOWASPAPI1AdminKeepsControlOfACL(t *testing.T) {
 	t.Parallel()
 	s := NewStack(t, nil)
-	c := s.Client(s.API())
+	c := s.Client(secAPI(t, s))
 	alice := c.NewUser("alice")
 	agent := "/v1/agents/" + secCreate(t, alice.Client, "/v1/agents", map[string]any{"name": "a"})
 	// The owner denies the whole organization (herself included) everything.
@@ -276,7 +286,7 @@ func TestOWASPAPI1AdminKeepsControlOfACL(t *testing.T) {
 func TestOWASPAPI1DemotedAdminKeepsNoPower(t *testing.T) {
 	t.Parallel()
 	s := NewStack(t, nil)
-	c := s.Client(s.API())
+	c := s.Client(secAPI(t, s))
 	alice, mallory, accomplice := c.NewUser("alice"), c.NewUser("mallory"), c.NewUser("accomplice")
 	malloryIn, malloryMembership := secInvite(t, alice, mallory, "admin")
 	// As an admin, mallory invites an accomplice and writes a role.
@@ -325,7 +335,7 @@ func secLogin(t *testing.T, c *Client, email, password string, headers ...string
 func TestOWASPAPI2BrokenAuthentication(t *testing.T) {
 	t.Parallel()
 	s := NewStack(t, map[string]string{"AGENTRY_JWT_SECRET": secJWTSecret})
-	c := s.Client(s.API())
+	c := s.Client(secAPI(t, s))
 	ada := c.NewUser("ada")
 
 	secStep(t, "forged tokens", func() {
@@ -445,7 +455,7 @@ func TestOWASPAPI2LoginThrottling(t *testing.T) {
 	// The API believes X-Forwarded-For from 127.0.0.1: the tests speak
 	// from several addresses through it.
 	s := NewStack(t, map[string]string{"AGENTRY_TRUSTED_PROXIES": "127.0.0.1/32", "AGENTRY_LOGIN_MAX_FAILURES": "3"})
-	c := s.Client(s.API())
+	c := s.Client(secAPI(t, s))
 	ada := c.NewUser("ada")
 	anon := c.As("", "")
 	login := func(email, password, ip string) *Response {
@@ -472,7 +482,7 @@ func TestOWASPAPI2SpoofedForwardedFor(t *testing.T) {
 	t.Parallel()
 	// No trusted proxy: X-Forwarded-For is the client's word and ignored.
 	s := NewStack(t, map[string]string{"AGENTRY_LOGIN_MAX_FAILURES": "3", "AGENTRY_LOGIN_FAILURE_WINDOW": "2s"})
-	c := s.Client(s.API())
+	c := s.Client(secAPI(t, s))
 	ada := c.NewUser("ada")
 	anon := c.As("", "")
 	for i := range 3 {
@@ -491,7 +501,7 @@ func TestOWASPAPI2SpoofedForwardedFor(t *testing.T) {
 func TestOWASPAPI3BrokenObjectPropertyLevelAuthorization(t *testing.T) {
 	t.Parallel()
 	s := NewStack(t, nil)
-	c := s.Client(s.API())
+	c := s.Client(secAPI(t, s))
 	ada, bob := c.NewUser("ada"), c.NewUser("bob")
 	agentID := secCreate(t, ada.Client, "/v1/agents", map[string]any{"name": "a"})
 	agent := "/v1/agents/" + agentID
@@ -591,7 +601,7 @@ func TestOWASPAPI3BrokenObjectPropertyLevelAuthorization(t *testing.T) {
 func TestOWASPAPI4UnrestrictedResourceConsumption(t *testing.T) {
 	t.Parallel()
 	s := NewStack(t, nil)
-	c := s.Client(s.API())
+	c := s.Client(secAPI(t, s))
 	ada := c.NewUser("ada")
 	agent := "/v1/agents/" + secCreate(t, ada.Client, "/v1/agents", map[string]any{"name": "a"})
 	big := `{"name": "big", "description": "` + strings.Repeat("x", 1<<20) + `"}`
@@ -619,7 +629,7 @@ func TestOWASPAPI4UnrestrictedResourceConsumption(t *testing.T) {
 func TestOWASPAPI5BrokenFunctionLevelAuthorization(t *testing.T) {
 	t.Parallel()
 	s := NewStack(t, nil)
-	c := s.Client(s.API())
+	c := s.Client(secAPI(t, s))
 	owner, member, viewer, outsider := c.NewUser("owner"), c.NewUser("member"), c.NewUser("viewer"), c.NewUser("outsider")
 	m, memberMembership := secInvite(t, owner, member, "member")
 	v, _ := secInvite(t, owner, viewer, "viewer")
