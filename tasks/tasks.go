@@ -22,6 +22,7 @@ import (
 	"net/http"
 	"reflect"
 	"sort"
+	"strings"
 	"sync"
 	"time"
 
@@ -196,9 +197,9 @@ func cleanJSONError(err error) string {
 	}
 	var se *json.SyntaxError
 	if errors.As(err, &se) || errors.Is(err, io.ErrUnexpectedEOF) {
-		return "malformed JSON: " + err.Error()
+		return "malformed JSON: " + strings.TrimPrefix(err.Error(), "json: ")
 	}
-	return err.Error()
+	return strings.TrimPrefix(err.Error(), "json: ")
 }
 
 // jsonKind names the JSON value a Go type decodes from.
