@@ -246,3 +246,25 @@ func TestAPIShutsDownPromptly(t *testing.T) {
 		t.Skip(fmt.Sprintf("BUG: the api took %s to stop on SIGTERM (shutdown timeout 5s): cache.Bus.Stop waits for ReceiveTimeout(ctx, time.Minute), which a cancelled context does not interrupt", took.Round(time.Second)))
 	}
 }
+
+func TestAuthUserWithoutOrganization(t *testing.T) {
+	t.Parallel()
+	s := NewStack(t, nil)
+	c := s.Client(secAPI(t, s))
+	ada := c.NewUser("ada")
+	if r := ada.Do("DELETE", "/v1/organizations/"+ada.Org, nil); r.Status != 204 {
+		t.Skip(fmt.Sprintf("BUG: deleting an organization answers %d: postgres.DeleteOrganization deletes the role entities while memberships still reference the roles (memberships_role_id_fkey)", r.Status))
+	}
+	secExpect(t, "acting in the deleted organization", ada.Do("GET", "/v1/agents", nil), 403)
+	homeless := ada.As(ada.Token, "")
+	me := homeless.Must(200, "GET", "/v1/users/me", nil).JSON(t)
+	if me["default_org_id"] != nil || len(me["memberships"].([]any)) != 0 {
+		t.Fatalf("me: %v", me)
+	}
+	secExpect(t, "create an agent in no organization", homeless.Do("POST", "/v1/agents", map[string]any{"name": "x"}), 403)
+	if r := homeless.Do("GET", "/v1/agents", nil); r.Status != 200 && r.Status != 403 {
+		t.Skip(fmt.Sprintf("BUG: listing with no organization answers %d (%s): crud's list compares org_id with \"\"", r.Status, r.Body))
+	}
+	org := homeless.Must(201, "POST", "/v1/organizations", map[string]any{"name": "new home"}).Str(t, "id")
+	ada.As(ada.Token, org).Must(201, "POST", "/v1/agents", map[string]any{"name": "x"})
+}
