@@ -44,6 +44,7 @@ import (
 	"github.com/agentry/agentry/internal/postgres"
 	"github.com/agentry/agentry/internal/realtime"
 	"github.com/agentry/agentry/internal/sqlq"
+	"github.com/agentry/agentry/tasks"
 )
 
 func main() {
@@ -226,6 +227,7 @@ func serve(ctx context.Context, s config.Settings, stdout io.Writer, logger *slo
 
 	reg := metrics.New("api", app.Version)
 	reg.RegisterDB(db.DB)
+	accessMetrics := metrics.NewAccess(reg)
 	httpapi.SetUnavailableClassifier(sqlq.IsUnavailable)
 	srv := httpapi.New(httpapi.Options{
 		Logger:         logger,
@@ -234,16 +236,23 @@ func serve(ctx context.Context, s config.Settings, stdout io.Writer, logger *slo
 		MaxBodyBytes:   s.MaxBodyBytes,
 		TrustedProxies: s.TrustedProxies,
 		Authenticator:  svc.authn,
+		OnAuthFailure:  accessMetrics.AuthFailure,
 		Ready: []httpapi.ReadyCheck{
 			{Name: "postgres", Check: db.PingContext},
 			{Name: "redis", Check: func(ctx context.Context) error { return svc.rdb.Ping(ctx).Err() }},
 		},
 	})
-	guard := &access.Guard{DB: db, Audit: svc.audit}
-	acl := &access.ACL{DB: db, Audit: svc.audit, Changed: func(ctx context.Context, orgID, _, _ string) {
+	guard := &access.Guard{DB: db, Audit: svc.audit, OnDeny: accessMetrics.Denied}
+	rows := cache.NewVersioned(svc.rdb, s.RedisPrefix, s.CacheTTL, 100_000, logger)
+	acl := &access.ACL{DB: db, Audit: svc.audit, Changed: func(ctx context.Context, orgID, typ, resourceID string) {
+		if resourceID != "" {
+			_ = rows.Bump(ctx, crud.ResourceDep(typ, resourceID))
+		} else {
+			_ = rows.Bump(ctx, crud.TypeDep(orgID, typ))
+		}
 		svc.bus.Publish(ctx, "acl:"+orgID)
 	}}
-	registry := &crud.Registry{API: srv.API, DB: db, Guard: guard, ACL: acl, MaxBodyBytes: s.MaxBodyBytes}
+	registry := &crud.Registry{API: srv.API, DB: db, Guard: guard, ACL: acl, Cache: rows, MaxBodyBytes: s.MaxBodyBytes}
 	bus := events.NewBus(svc.rdb, s.RedisPrefix, s.EventStreamMaxLen)
 	gateway := &realtime.Gateway{
 		Events:       bus,
@@ -266,6 +275,7 @@ func serve(ctx context.Context, s config.Settings, stdout io.Writer, logger *slo
 		return err
 	}
 	cmdMetrics := metrics.NewCommands(reg)
+	cmdMetrics.Init(taskTypes())
 	dispatcher := &commands.Dispatcher{
 		Store:   &commands.Store{DB: db, Limits: commands.Limits{OrgMaxInFlight: s.OrgMaxInFlight, OrgMaxQueued: s.OrgMaxQueued}},
 		Queue:   commands.NewQueue(asynq.NewClientFromRedisClient(svc.rdb), s.RedisPrefix),
@@ -295,4 +305,13 @@ func serve(ctx context.Context, s config.Settings, stdout io.Writer, logger *slo
 	})
 	logger.Info("starting", "settings", s)
 	return app.Serve(ctx, logger, stdout, "api", s.HTTPAddr, srv, s.ShutdownTimeout, gateway.Stop)
+}
+
+// taskTypes lists the registered tasks.
+func taskTypes() []string {
+	var out []string
+	for _, d := range tasks.All() {
+		out = append(out, d.Type)
+	}
+	return out
 }

@@ -18,8 +18,10 @@ import (
 	"github.com/hibiken/asynq"
 
 	"github.com/agentry/agentry/internal/app"
+	"github.com/agentry/agentry/internal/cache"
 	"github.com/agentry/agentry/internal/commands"
 	"github.com/agentry/agentry/internal/config"
+	"github.com/agentry/agentry/internal/crud"
 	"github.com/agentry/agentry/internal/events"
 	"github.com/agentry/agentry/internal/metrics"
 	"github.com/agentry/agentry/internal/notify"
@@ -66,6 +68,8 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 		Queue:  queue,
 		Events: bus,
 		Logger: logger,
+		// The API caches agents; their status changes here.
+		AgentChanged: agentChanged(cache.NewVersioned(rdb, s.RedisPrefix, s.CacheTTL, 1, logger)),
 	}
 	notifications := &notify.Service{DB: db, Events: bus, Logger: logger}
 	reconciler := &commands.Reconciler{
@@ -113,4 +117,11 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 	err = app.Serve(ctx, logger, stdout, "scheduler", s.SchedulerAddr, app.OpsHandler(reg, app.Ready(db, rdb)), s.ShutdownTimeout, nil)
 	<-campaign
 	return err
+}
+
+// agentChanged makes the API's cached copy of an agent stale.
+func agentChanged(rows *cache.Versioned) func(context.Context, string) {
+	return func(ctx context.Context, agentID string) {
+		_ = rows.Bump(ctx, crud.ResourceDep("Agent", agentID))
+	}
 }

@@ -20,14 +20,17 @@ import (
 	"github.com/hibiken/asynq"
 
 	"github.com/agentry/agentry/internal/app"
+	"github.com/agentry/agentry/internal/cache"
 	"github.com/agentry/agentry/internal/commands"
 	"github.com/agentry/agentry/internal/config"
+	"github.com/agentry/agentry/internal/crud"
 	"github.com/agentry/agentry/internal/egress"
 	"github.com/agentry/agentry/internal/events"
 	"github.com/agentry/agentry/internal/metrics"
 	"github.com/agentry/agentry/internal/notify"
 	"github.com/agentry/agentry/internal/secrets"
 	"github.com/agentry/agentry/internal/sqlq"
+	"github.com/agentry/agentry/tasks"
 )
 
 func main() {
@@ -74,16 +77,19 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 	reg := metrics.New("worker", app.Version)
 	reg.RegisterDB(db.DB)
 	cmdMetrics := metrics.NewCommands(reg)
+	cmdMetrics.Init(taskTypes())
 	commands.SetTransient(sqlq.IsUnavailable)
 	queue := commands.NewQueue(asynq.NewClientFromRedisClient(rdb), s.RedisPrefix)
 	bus := events.NewBus(rdb, s.RedisPrefix, s.EventStreamMaxLen)
 	notifications := &notify.Service{DB: db, Events: bus, Logger: logger}
 	dispatcher := &commands.Dispatcher{
-		Store:   &commands.Store{DB: db, Limits: commands.Limits{OrgMaxInFlight: s.OrgMaxInFlight, OrgMaxQueued: s.OrgMaxQueued}},
-		Queue:   queue,
-		Events:  bus,
-		Logger:  logger,
-		Metrics: cmdMetrics,
+		Store:  &commands.Store{DB: db, Limits: commands.Limits{OrgMaxInFlight: s.OrgMaxInFlight, OrgMaxQueued: s.OrgMaxQueued}},
+		Queue:  queue,
+		Events: bus,
+		Logger: logger,
+		// The API caches agents; their status changes here.
+		AgentChanged: agentChanged(cache.NewVersioned(rdb, s.RedisPrefix, s.CacheTTL, 1, logger)),
+		Metrics:      cmdMetrics,
 	}
 	runner := &commands.Runner{
 		Dispatcher: dispatcher,
@@ -133,4 +139,20 @@ func workerID() string {
 	var b [4]byte
 	_, _ = rand.Read(b[:])
 	return fmt.Sprintf("%s-%d-%s", host, os.Getpid(), hex.EncodeToString(b[:]))
+}
+
+// agentChanged makes the API's cached copy of an agent stale.
+func agentChanged(rows *cache.Versioned) func(context.Context, string) {
+	return func(ctx context.Context, agentID string) {
+		_ = rows.Bump(ctx, crud.ResourceDep("Agent", agentID))
+	}
+}
+
+// taskTypes lists the registered tasks.
+func taskTypes() []string {
+	var out []string
+	for _, d := range tasks.All() {
+		out = append(out, d.Type)
+	}
+	return out
 }

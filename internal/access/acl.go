@@ -61,6 +61,11 @@ func CanAdminister(p *platform.Principal, s platform.Scope, ref *platform.Resour
 	return p.IsOrgAdmin() || (ref != nil && ref.OwnerID == p.ID)
 }
 
+// CanAdminister is the crud.ACLManager form of CanAdminister.
+func (a *ACL) CanAdminister(p *platform.Principal, s platform.Scope, ref *platform.ResourceRef) bool {
+	return CanAdminister(p, s, ref)
+}
+
 func (a *ACL) check(ctx context.Context, p *platform.Principal, s platform.Scope, ref *platform.ResourceRef, action string) error {
 	if CanAdminister(p, s, ref) {
 		return nil

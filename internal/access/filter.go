@@ -54,3 +54,14 @@ func Entries(p *platform.Principal, s platform.Scope, args *sqlq.Args) string {
 		"FROM acl_entries a WHERE a.org_id = t.org_id AND a.resource_type = " + args.Add(s.Type) +
 		" AND (a.resource_id IS NULL OR a.resource_id = t.id) AND a.principal_id = ANY(" + args.Add(pq.Array(p.Subjects())) + "::uuid[])), '[]'::json)"
 }
+
+// AllEntries returns a SQL expression over the row alias t giving, as a
+// JSON array, every ACL entry of t's organization and type that applies to
+// t or to the whole type, whoever it names: what a cached row carries, so
+// that Decide can judge any caller from the cache.
+func AllEntries(s platform.Scope, args *sqlq.Args) string {
+	return "COALESCE((SELECT json_agg(json_build_object('id', a.id, 'org_id', a.org_id, 'resource_type', a.resource_type, " +
+		"'resource_id', a.resource_id, 'action', a.action, 'principal_id', a.principal_id, 'effect', a.effect)) " +
+		"FROM acl_entries a WHERE a.org_id = t.org_id AND a.resource_type = " + args.Add(s.Type) +
+		" AND (a.resource_id IS NULL OR a.resource_id = t.id)), '[]'::json)"
+}

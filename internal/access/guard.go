@@ -22,6 +22,8 @@ type Auditor interface {
 type Guard struct {
 	DB    *sqlx.DB
 	Audit Auditor
+	// OnDeny, if set, is told the reason of every denial (metrics).
+	OnDeny func(reason string)
 }
 
 // Caller returns the authenticated principal of the request.
@@ -82,6 +84,9 @@ func alwaysAllowed(p *platform.Principal, s platform.Scope) bool {
 
 // deny writes the audit row of a denied decision.
 func (g *Guard) deny(ctx context.Context, p *platform.Principal, typ, action string, ref *platform.ResourceRef, d Decision) {
+	if g.OnDeny != nil {
+		g.OnDeny(d.Reason)
+	}
 	if g.Audit == nil {
 		return
 	}
@@ -123,3 +128,6 @@ func (g *Guard) Forget(ctx context.Context, tx *sqlx.Tx, ref platform.ResourceRe
 	_, err := tx.ExecContext(ctx, "DELETE FROM acl_entries WHERE resource_type = $1 AND resource_id = $2", ref.Type, ref.ID)
 	return err
 }
+
+// AllEntries is the crud.Guard form of AllEntries.
+func (g *Guard) AllEntries(s platform.Scope, args *sqlq.Args) string { return AllEntries(s, args) }

@@ -24,6 +24,7 @@ type Bus struct {
 
 	stopOnce sync.Once
 	cancel   context.CancelFunc
+	sub      *redis.PubSub
 	done     chan struct{}
 }
 
@@ -71,6 +72,7 @@ func (b *Bus) Start(ctx context.Context) error {
 		close(b.done)
 		return err
 	}
+	b.sub = sub
 	go func() {
 		defer close(b.done)
 		defer sub.Close()
@@ -109,6 +111,9 @@ func (b *Bus) Stop() {
 			return // never started
 		}
 		b.cancel()
+		if b.sub != nil {
+			_ = b.sub.Close() // wakes the blocked read
+		}
 		<-b.done
 	})
 }

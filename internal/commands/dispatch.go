@@ -42,9 +42,15 @@ type Dispatcher struct {
 	Events  *events.Bus
 	Logger  *slog.Logger
 	Metrics Metrics
-	// DefaultTimeout and DefaultRetries apply when neither the request nor
-	// the task says.
-	DefaultTimeout time.Duration
+	// AgentChanged, if set, is told when the pipeline changed an agent's
+	// status (the API's cache of agents is made stale).
+	AgentChanged func(ctx context.Context, agentID string)
+}
+
+func (d *Dispatcher) agentChanged(ctx context.Context, agentID string) {
+	if d.AgentChanged != nil {
+		d.AgentChanged(ctx, agentID)
+	}
 }
 
 // Validate checks a request against the task registry and fills in the
@@ -174,6 +180,7 @@ func (d *Dispatcher) Cancel(ctx context.Context, c *platform.Command) (*platform
 		return nil, platform.Errorf(platform.ECONFLICT, "the command already ended")
 	}
 	if out.Status == platform.CommandCanceled {
+		d.agentChanged(ctx, out.AgentID)
 		d.Publish(ctx, "command.canceled", out)
 		d.Admit(ctx, out.AgentID)
 		return out, nil

@@ -89,6 +89,7 @@ func (r *Reconciler) Pass(ctx context.Context) (Repairs, error) {
 	}
 	rep.LeasesExpired = len(expired)
 	for _, c := range expired {
+		d.agentChanged(ctx, c.AgentID)
 		typ := "command." + c.Status
 		if c.Status == platform.CommandQueued {
 			typ = "command.retrying"

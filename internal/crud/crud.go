@@ -13,6 +13,7 @@ package crud
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"net/http"
 	"reflect"
@@ -73,11 +74,27 @@ type Guard interface {
 	Filter(p *platform.Principal, scope platform.Scope, action string, args *sqlq.Args) string
 	// Forget deletes the ACL entries of a deleted resource, in its transaction.
 	Forget(ctx context.Context, tx *sqlx.Tx, ref platform.ResourceRef) error
+	// AllEntries returns a SQL expression over the row alias t giving, as a
+	// JSON array, every ACL entry of t's organization that applies to t or
+	// to its whole type, whoever it names (what a cached row carries).
+	AllEntries(scope platform.Scope, args *sqlq.Args) string
+}
+
+// Cache is the read-through cache of single resources (the cache package
+// implements it). Get returns the bytes cached for key under the current
+// versions of deps, loading them on a miss; an error with a Bypass() true
+// method means the cache cannot vouch for freshness and the source must be
+// read. Bump makes everything cached under deps stale.
+type Cache interface {
+	Get(ctx context.Context, key string, deps []string, load func(context.Context) ([]byte, error)) ([]byte, error)
+	Bump(ctx context.Context, deps ...string) error
 }
 
 // ACLManager lists and edits the ACL of one resource; the access package
 // implements it, deciding who may.
 type ACLManager interface {
+	// CanAdminister reports whether p may see and change ref's ACL.
+	CanAdminister(p *platform.Principal, s platform.Scope, ref *platform.ResourceRef) bool
 	List(ctx context.Context, p *platform.Principal, s platform.Scope, ref *platform.ResourceRef) ([]platform.ACLEntry, error)
 	Grant(ctx context.Context, p *platform.Principal, s platform.Scope, ref *platform.ResourceRef, g platform.ACLGrant) (*platform.ACLEntry, error)
 	Revoke(ctx context.Context, p *platform.Principal, s platform.Scope, ref *platform.ResourceRef, entryID string) error
@@ -99,7 +116,10 @@ type Registry struct {
 	DB    *sqlx.DB
 	Guard Guard
 	// ACL, when set, gives every resource with OpACL its ACL routes.
-	ACL          ACLManager
+	ACL ACLManager
+	// Cache, when set, serves the single-resource reads of resources
+	// registered with Cached.
+	Cache        Cache
 	MaxBodyBytes int64
 	observers    []func(context.Context, Change)
 	scopes       map[string]platform.Scope
@@ -174,6 +194,10 @@ type Resource[T, In any] struct {
 	Validate func(ctx context.Context, in *In) []platform.FieldError
 	// View transforms a row before it is answered (redacting secrets).
 	View func(ctx context.Context, row *T)
+	// Cached serves this resource's single reads from Registry.Cache. The
+	// model must round-trip through JSON (no json:"-" fields), and every
+	// write of its rows outside the framework must call Handle.Notify.
+	Cached bool
 	// Hooks run inside the write's transaction, before the statement. They
 	// may change row (server-owned fields) or refuse with an error.
 	BeforeCreate func(ctx context.Context, tx *sqlx.Tx, in *In, row *T) error
@@ -193,6 +217,7 @@ type Handle[T any] struct {
 	m      *model
 	view   func(context.Context, *T)
 	create func(ctx context.Context, body []byte) (*T, error)
+	cached bool
 }
 
 // Create creates a resource from a JSON body of the resource's input type,
@@ -262,6 +287,14 @@ func Register[T, In any](reg *Registry, res Resource[T, In]) *Handle[T] {
 	r.inSchema = reg.API.OpenAPI().Components.Schemas.Schema(reflect.TypeFor[In](), true, "")
 	reg.AddScope(res.Scope)
 	r.Handle.create = r.createJSON
+	if res.Cached {
+		for _, c := range m.cols {
+			if c.json == "" {
+				panic(fmt.Sprintf("crud: %s is cached but its field %s is not in its JSON", res.Scope.Type, c.name))
+			}
+		}
+		r.Handle.cached = true
+	}
 	r.register()
 	return &r.Handle
 }
@@ -304,7 +337,9 @@ func (h *Handle[T]) selectOne(p *platform.Principal, forUpdate bool) (string, sq
 	entries := h.reg.Guard.Entries(p, h.scope, &args)
 	q := "SELECT " + h.m.selectList + ", " + entries + " FROM " + sqlq.Ident(h.table) + " t WHERE t.id = " + id
 	if forUpdate {
-		q += " FOR UPDATE OF t"
+		// NO KEY UPDATE: the row is locked against other writes, but rows
+		// referencing it (a template's children) can still be checked.
+		q += " FOR NO KEY UPDATE OF t"
 	}
 	return q, args
 }
@@ -341,6 +376,12 @@ func (h *Handle[T]) Get(ctx context.Context, id, action string) (*T, *platform.P
 	p, err := h.reg.Guard.Caller(ctx)
 	if err != nil {
 		return nil, nil, err
+	}
+	if h.cached && h.reg.Cache != nil {
+		row, err := h.loadCached(ctx, p, id, action)
+		if !errors.Is(err, errNoCache) {
+			return row, p, err
+		}
 	}
 	row, err := h.load(ctx, nil, p, id, action, false)
 	return row, p, err
@@ -402,9 +443,14 @@ func (h *Handle[T]) Render(ctx context.Context, row *T) *T {
 	return row
 }
 
-// Notify tells the registry's observers about a write a custom route made.
+// Notify tells the registry's observers about a write a custom route made
+// (after it committed, before it answers), and makes the cached copy stale.
 func (h *Handle[T]) Notify(ctx context.Context, op Op, row *T) {
-	h.reg.notify(ctx, Change{Op: op, Scope: h.scope, Ref: any(row).(hasBase).Meta().Ref(h.scope.Type), Row: row})
+	ref := any(row).(hasBase).Meta().Ref(h.scope.Type)
+	if h.cached && h.reg.Cache != nil {
+		_ = h.reg.Cache.Bump(ctx, ResourceDep(ref.Type, ref.ID))
+	}
+	h.reg.notify(ctx, Change{Op: op, Scope: h.scope, Ref: ref, Row: row})
 }
 
 // AccessScope returns the resource's access scope.

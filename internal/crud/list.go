@@ -249,7 +249,11 @@ func parseFilterValue(f filterSpec, raw string) (any, error) {
 // where builds the list's WHERE clause (without the cursor), refusing any
 // query parameter that is neither paging nor one of the resource's filters.
 func (r *resource[T, In]) where(p *platform.Principal, q url.Values, args *sqlq.Args) (string, error) {
-	clauses := []string{"t.org_id = " + args.Add(p.OrgID), "(" + r.reg.Guard.Filter(p, r.scope, ActionRead, args) + ")"}
+	tenant := "FALSE" // no organization: nothing to list
+	if p.OrgID != "" {
+		tenant = "t.org_id = " + args.Add(p.OrgID)
+	}
+	clauses := []string{tenant, "(" + r.reg.Guard.Filter(p, r.scope, ActionRead, args) + ")"}
 	var bad []platform.FieldError
 	names := make([]string, 0, len(q))
 	for name := range q {

@@ -517,7 +517,9 @@ func (s *Server) membershipRoutes(d Deps) {
 			if err != nil {
 				return err
 			}
-			m.UserID, m.RoleID = u.ID, role.ID
+			// The organization owns its memberships: whoever invited a
+			// member gains no rights over the membership by it.
+			m.UserID, m.RoleID, m.OwnerID = u.ID, role.ID, m.OrgID
 			return nil
 		},
 		BeforeUpdate: func(ctx context.Context, tx *sqlx.Tx, in *MemberInput, old, m *Member) error {
@@ -569,6 +571,7 @@ func (s *Server) membershipRoutes(d Deps) {
 			if builtin[in.Name] {
 				return platform.Errorf(platform.ECONFLICT, "%q is a built-in role", in.Name)
 			}
+			r.OwnerID = r.OrgID // the organization owns its roles, not their creator
 			return d.Identity.NewEntity(ctx, tx, r.ID, platform.KindRole)
 		},
 		BeforeUpdate: func(ctx context.Context, tx *sqlx.Tx, in *RoleInput, old, r *Role) error {

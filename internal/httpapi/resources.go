@@ -1,6 +1,7 @@
 package httpapi
 
 import (
+	"bytes"
 	"context"
 	"encoding/json"
 	"fmt"
@@ -100,11 +101,11 @@ func (s *Server) resourceRoutes(d Deps) *Resources {
 		if parent.Kind != t.Kind {
 			return platform.Invalid("parent of another kind", platform.FieldError{Field: "body.parent_id", Message: fmt.Sprintf("the parent is of kind %q; a template inherits only from its own kind", parent.Kind)})
 		}
-		return checkChain(ctx, tx, t.ID, *t.ParentID)
+		return sqlq.MapError(checkChain(ctx, tx, t.ID, *t.ParentID), "template not found")
 	}
 	res.Templates = crud.Register(d.Registry, crud.Resource[templates.Template, templates.Input]{
 		Scope: TemplateScope, Path: "/v1/templates", Table: "templates", Tag: "Templates",
-		Ops:         crud.AllOps,
+		Ops: crud.AllOps, Cached: true,
 		Description: "Templates hold parameters of a kind (agent, environment, …) and may inherit from a parent of the same kind: resolving merges the chain root-first with JSON merge patch. Editing a template never changes resources already made from it; resync them on request.",
 		Sort:        []string{"name", "kind"},
 		Filters:     []crud.Filter{{Param: "kind", Column: "kind"}, {Param: "parent_id", Column: "parent_id"}, {Param: "name", Column: "name"}},
@@ -171,22 +172,32 @@ func (s *Server) resourceRoutes(d Deps) *Resources {
 		http.StatusCreated, true, http.StatusNotFound, http.StatusForbidden, http.StatusConflict)
 	op.RequestBody = &huma.RequestBody{Required: true, Content: map[string]*huma.MediaType{"application/json": {Schema: &huma.Schema{Type: "object", Description: "The create body of the template's kind, without template_id."}}}}
 	huma.Register(s.API, op, func(ctx context.Context, in *instantiateInput) (*instantiatedOutput, error) {
-		t, _, err := res.Templates.Get(ctx, in.ID, crud.ActionRead)
+		// The whole chain must be readable: 404 otherwise, like resolve.
+		resolution, err := svc.Resolve(ctx, in.ID)
 		if err != nil {
 			return nil, err
 		}
+		t := resolution.Chain[len(resolution.Chain)-1]
 		kind, ok := kinds.Get(t.Kind)
 		if !ok || kind.Instantiate == nil {
 			return nil, platform.Errorf(platform.ECONFLICT, "templates of kind %q cannot be instantiated", t.Kind)
 		}
 		var body map[string]any
-		if err := json.Unmarshal(in.RawBody, &body); err != nil || body == nil {
+		dec := json.NewDecoder(bytes.NewReader(in.RawBody))
+		dec.UseNumber()
+		if err := dec.Decode(&body); err != nil || body == nil {
 			return nil, platform.Invalid("the body must be a JSON object", platform.FieldError{Field: "body", Message: "expected a JSON object"})
 		}
 		if _, has := body["template_id"]; has {
 			return nil, platform.Invalid("the template is in the path", platform.FieldError{Field: "body.template_id", Message: "unexpected property"})
 		}
-		overrides, _ := body["params"].(map[string]any)
+		var overrides map[string]any
+		if raw, has := body["params"]; has && raw != nil {
+			var ok bool
+			if overrides, ok = raw.(map[string]any); !ok {
+				return nil, platform.Invalid("params must be an object", platform.FieldError{Field: "body.params", Message: "expected a JSON object"})
+			}
+		}
 		delete(body, "params")
 		created, err := kind.Instantiate(ctx, templates.InstantiateRequest{TemplateID: t.ID, Fields: body, Overrides: overrides})
 		if err != nil {
@@ -242,7 +253,7 @@ func (s *Server) resourceRoutes(d Deps) *Resources {
 	}
 	res.Environments = crud.Register(d.Registry, crud.Resource[platform.Environment, EnvironmentInput]{
 		Scope: EnvironmentScope, Path: "/v1/environments", Table: "environments", Tag: "Environments",
-		Ops:         crud.AllOps,
+		Ops: crud.AllOps, Cached: true,
 		Description: "Environments are named variables and write-only secrets; the commands of agents using one see them. Secrets are encrypted at rest and always shown as ***.",
 		Sort:        []string{"name"},
 		Filters:     []crud.Filter{{Param: "name", Column: "name"}, {Param: "template_id", Column: "template_id"}},
@@ -336,7 +347,7 @@ func (s *Server) resourceRoutes(d Deps) *Resources {
 	}
 	res.Agents = crud.Register(d.Registry, crud.Resource[platform.Agent, AgentInput]{
 		Scope: AgentScope, Path: "/v1/agents", Table: "agents", Tag: "Agents",
-		Ops:         crud.AllOps,
+		Ops: crud.AllOps, Cached: true,
 		Description: "Agents run commands. Make one from scratch, or from a template (template_id; its params merge over the template's). An agent can hold API keys. Its status is the platform's to set.",
 		Sort:        []string{"name", "status"},
 		Filters:     []crud.Filter{{Param: "status", Column: "status"}, {Param: "name", Column: "name"}, {Param: "environment_id", Column: "environment_id"}, {Param: "template_id", Column: "template_id"}, {Param: "owner_id", Column: "owner_id"}},

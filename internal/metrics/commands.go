@@ -39,6 +39,21 @@ func NewCommands(r *Registry) *Commands {
 	return m
 }
 
+// Init creates the series of every task and outcome at zero, so that
+// dashboards and alerts see them before the first command.
+func (m *Commands) Init(tasks []string) {
+	for _, t := range tasks {
+		m.dispatched.WithLabelValues(t)
+		m.started.WithLabelValues(t)
+		m.retries.WithLabelValues(t)
+		m.wait.WithLabelValues(t)
+		m.run.WithLabelValues(t)
+		for _, o := range []string{"succeeded", "failed", "canceled"} {
+			m.finished.WithLabelValues(t, o)
+		}
+	}
+}
+
 func (m *Commands) Dispatched(task string) { m.dispatched.WithLabelValues(task).Inc() }
 func (m *Commands) Started(task string, waited time.Duration) {
 	m.started.WithLabelValues(task).Inc()
@@ -100,6 +115,9 @@ func NewAccess(r *Registry) *Access {
 			Help: "Access decisions that denied, by reason."}, []string{"reason"}),
 	}
 	r.MustRegister(m.authFailures, m.denials)
+	for _, reason := range []string{"missing", "bad_token", "revoked", "bad_key", "disabled", "not_member"} {
+		m.authFailures.WithLabelValues(reason)
+	}
 	return m
 }
 

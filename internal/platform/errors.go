@@ -3,6 +3,8 @@ package platform
 import (
 	"errors"
 	"fmt"
+	"net/http"
+	"strconv"
 )
 
 // Error codes. Each maps to exactly one HTTP status in the HTTP adapter; an
@@ -50,6 +52,15 @@ func (e *Error) Error() string {
 }
 
 func (e *Error) Unwrap() error { return e.Err }
+
+// GetHeaders gives the HTTP adapter the Retry-After of a throttled or
+// unavailable answer.
+func (e *Error) GetHeaders() http.Header {
+	if e.RetryAfter <= 0 {
+		return nil
+	}
+	return http.Header{"Retry-After": {strconv.Itoa(e.RetryAfter)}}
+}
 
 // Errorf returns an *Error with the code and a client-facing message.
 func Errorf(code, format string, args ...any) *Error {

@@ -105,14 +105,14 @@ func createOrganization(ctx context.Context, tx *sqlx.Tx, ownerID, name string) 
 		}
 		perms, _ := json.Marshal(r.Permissions)
 		if _, err := tx.ExecContext(ctx, `INSERT INTO roles (id, org_id, owner_id, name, description, builtin, permissions)
-			VALUES ($1, $2, $3, $4, $5, true, $6)`, roleID, id, ownerID, r.Name, r.Description, perms); err != nil {
+			VALUES ($1, $2, $2, $3, $4, true, $5)`, roleID, id, r.Name, r.Description, perms); err != nil {
 			return nil, err
 		}
 		if r.Name == platform.RoleOwner {
 			ownerRole = roleID
 		}
 	}
-	if _, err := tx.ExecContext(ctx, `INSERT INTO memberships (id, org_id, owner_id, user_id, role_id) VALUES ($1, $2, $3, $3, $4)`,
+	if _, err := tx.ExecContext(ctx, `INSERT INTO memberships (id, org_id, owner_id, user_id, role_id) VALUES ($1, $2, $2, $3, $4)`,
 		uuid.NewString(), id, ownerID, ownerRole); err != nil {
 		return nil, err
 	}
@@ -382,8 +382,12 @@ func (s *IdentityStore) DeleteOrganization(ctx context.Context, id string) error
 	if _, err := tx.ExecContext(ctx, "UPDATE users SET default_org_id = NULL WHERE default_org_id = $1", id); err != nil {
 		return err
 	}
-	// Entities of the organization (roles, agents) go with it.
-	if _, err := tx.ExecContext(ctx, "DELETE FROM entities WHERE id IN (SELECT id FROM roles WHERE org_id = $1)", id); err != nil {
+	// Memberships first (they reference the roles), then the entities of
+	// the organization (roles, agents), then the organization itself.
+	if _, err := tx.ExecContext(ctx, "DELETE FROM memberships WHERE org_id = $1", id); err != nil {
+		return err
+	}
+	if _, err := tx.ExecContext(ctx, `DELETE FROM entities WHERE id IN (SELECT id FROM roles WHERE org_id = $1 UNION ALL SELECT id FROM agents WHERE org_id = $1)`, id); err != nil {
 		return err
 	}
 	if _, err := tx.ExecContext(ctx, "DELETE FROM entities WHERE id = $1", id); err != nil {

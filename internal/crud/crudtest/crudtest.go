@@ -70,3 +70,5 @@ func (Guard) Filter(p *platform.Principal, _ platform.Scope, action string, args
 }
 
 func (Guard) Forget(context.Context, *sqlx.Tx, platform.ResourceRef) error { return nil }
+
+func (Guard) AllEntries(platform.Scope, *sqlq.Args) string { return "'[]'::json" }
