@@ -86,6 +86,10 @@ CREATE INDEX IF NOT EXISTS schedules_due_idx ON schedules (next_run_at) WHERE en
 -- Takes the agent id and the two organization limits; returns the admitted
 -- commands' ids and attempts. Serialised per agent (row lock) and per
 -- organization (advisory lock), so limits hold across concurrent callers.
+-- The agent's row is locked FOR NO KEY UPDATE, not FOR UPDATE: the foreign
+-- key checks of commands being inserted for the agent (FOR KEY SHARE) go
+-- on, where FOR UPDATE made them and the admission deadlock. A waiting
+-- command locked by another transaction (a cancellation) is skipped.
 -- +goose StatementBegin
 CREATE OR REPLACE FUNCTION admit_commands(p_agent uuid, p_org_limit integer, p_org_queued integer)
 RETURNS TABLE (id uuid, attempt integer) LANGUAGE plpgsql AS $$
@@ -100,7 +104,7 @@ DECLARE
 BEGIN
     SELECT a.org_id, GREATEST(COALESCE((a.config->>'max_concurrency')::integer, 1), 1), a.status
       INTO v_org, v_max, v_status
-      FROM agents a WHERE a.id = p_agent FOR UPDATE;
+      FROM agents a WHERE a.id = p_agent FOR NO KEY UPDATE;
     IF NOT FOUND OR v_status = 'disabled' THEN
         RETURN;
     END IF;
@@ -118,7 +122,8 @@ BEGIN
      WHERE c.id IN (SELECT w.id FROM commands w
                      WHERE w.agent_id = p_agent AND w.status = 'queued' AND w.admitted_at IS NULL
                      ORDER BY w.priority DESC, w.created_at, w.id
-                     LIMIT v_free)
+                     LIMIT v_free
+                     FOR NO KEY UPDATE SKIP LOCKED)
     RETURNING c.id, c.attempt;
 END;
 $$;
