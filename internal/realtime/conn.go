@@ -14,8 +14,9 @@ import (
 	"github.com/agentry/agentry/internal/platform"
 )
 
-// replayLimit bounds what one resubscription replays.
-const replayLimit = 1000
+// replayPage is how many stored events one read of a topic's stream
+// returns; a replay reads pages until it has caught up.
+const replayPage = 500
 
 type closeReq struct {
 	code   int
@@ -32,23 +33,44 @@ type conn struct {
 	session   string
 	keyPrefix string
 
-	send    chan []byte
-	closing chan closeReq
-	recheck chan struct{}
-	done    chan struct{}
+	// The send queue: messages wait in queue (at most g.SendQueue of
+	// them; nil when empty, so an idle connection holds no buffer). wake
+	// tells the writer there is something to send, space tells a replay
+	// waiting for room that the writer took a message.
+	qmu   sync.Mutex
+	queue [][]byte
+	wake  chan struct{}
+	space chan struct{}
+
+	closing    chan closeReq
+	cut        atomic.Bool // a close was requested: nothing more is queued
+	rechecking atomic.Bool // a recheck is queued at the gateway
+	writerDone chan struct{}
+	done       chan struct{}
 
 	mu   sync.Mutex
 	subs map[string]*subscription
 	dead bool
 }
 
-// subscription is one topic a connection follows. While it replays the
-// stream, live events wait in buf; after, only events newer than last pass.
+// subscription is one topic a connection follows. Until it is handed over
+// to live delivery (after the "subscribed" reply and any replay), live
+// events wait in buf; after, only events newer than last pass.
 type subscription struct {
-	replaying bool
-	last      string
-	buf       [][]byte
-	bufIDs    []string
+	pending bool
+	last    string
+	buf     [][]byte
+	bufIDs  []string
+}
+
+func newConn(g *Gateway, ws *websocket.Conn, p *platform.Principal, rebuild func(context.Context) (*platform.Principal, error), session, keyPrefix string) *conn {
+	c := &conn{
+		g: g, ws: ws, rebuild: rebuild, session: session, keyPrefix: keyPrefix,
+		wake: make(chan struct{}, 1), space: make(chan struct{}, 1), closing: make(chan closeReq, 1),
+		writerDone: make(chan struct{}), done: make(chan struct{}), subs: map[string]*subscription{},
+	}
+	c.p.Store(p)
+	return c
 }
 
 func (c *conn) principal() *platform.Principal { return c.p.Load() }
@@ -56,15 +78,13 @@ func (c *conn) principal() *platform.Principal { return c.p.Load() }
 func (c *conn) serve(ctx context.Context) {
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
-	writerDone := make(chan struct{})
 	go func() {
-		defer close(writerDone)
+		defer close(c.writerDone)
 		c.writer(ctx)
 	}()
-	go c.rechecker(ctx)
 	c.reader(ctx)
 	cancel()
-	<-writerDone
+	<-c.writerDone
 	c.ws.Close()
 	c.mu.Lock()
 	c.dead = true
@@ -72,10 +92,14 @@ func (c *conn) serve(ctx context.Context) {
 	for t := range c.subs {
 		topics = append(topics, t)
 	}
+	c.subs = nil
 	c.mu.Unlock()
 	for _, t := range topics {
 		c.g.unsubscribe(c, t)
 	}
+	c.qmu.Lock()
+	c.queue = nil
+	c.qmu.Unlock()
 	close(c.done)
 }
 
@@ -93,93 +117,136 @@ func (c *conn) reader(ctx context.Context) {
 		_ = c.ws.SetReadDeadline(time.Now().Add(deadline))
 		var m clientMessage
 		if err := json.Unmarshal(data, &m); err != nil {
-			c.reply("error", "", map[string]string{"code": "invalid", "message": "messages are JSON objects with a type"})
+			c.reply(ctx, "error", "", map[string]string{"code": "invalid", "message": "messages are JSON objects with a type"})
 			continue
 		}
 		switch m.Type {
 		case "ping":
-			c.reply("pong", "", struct{}{})
+			c.reply(ctx, "pong", "", struct{}{})
 		case "subscribe":
 			c.handleSubscribe(ctx, m)
 		case "unsubscribe":
-			c.handleUnsubscribe(m.Topic)
+			c.handleUnsubscribe(ctx, m.Topic)
 		default:
-			c.reply("error", m.Topic, map[string]string{"code": "invalid", "message": "unknown message type; use subscribe, unsubscribe or ping"})
+			c.reply(ctx, "error", m.Topic, map[string]string{"code": "invalid", "message": "unknown message type; use subscribe, unsubscribe or ping"})
 		}
 	}
 }
 
 func (c *conn) handleSubscribe(ctx context.Context, m clientMessage) {
 	if m.Since != "" && !events.ValidID(m.Since) {
-		c.reply("error", m.Topic, map[string]string{"code": "invalid", "message": "since must be an event id from this topic"})
+		c.reply(ctx, "error", m.Topic, map[string]string{"code": "invalid", "message": "since must be an event id from this topic"})
 		return
 	}
 	topic, err := c.g.Authorize(platform.WithPrincipal(ctx, c.principal()), c.principal(), m.Topic)
 	if err != nil {
-		c.reply("error", m.Topic, map[string]string{"code": platform.ErrorCode(err), "message": platform.ErrorMessage(err)})
+		c.reply(ctx, "error", m.Topic, map[string]string{"code": platform.ErrorCode(err), "message": platform.ErrorMessage(err)})
 		return
 	}
 	c.mu.Lock()
 	if _, ok := c.subs[topic]; ok {
 		c.mu.Unlock()
-		c.reply("subscribed", topic, map[string]any{"already": true})
+		c.reply(ctx, "subscribed", topic, map[string]any{"already": true})
 		return
 	}
 	if len(c.subs) >= c.g.MaxSubscriptions {
 		c.mu.Unlock()
-		c.reply("error", topic, map[string]string{"code": "too_many_requests", "message": "too many subscriptions on this connection"})
+		c.reply(ctx, "error", topic, map[string]string{"code": "too_many_requests", "message": "too many subscriptions on this connection"})
 		return
 	}
-	sub := &subscription{replaying: m.Since != "", last: m.Since}
+	sub := &subscription{pending: true, last: m.Since}
 	c.subs[topic] = sub
 	c.mu.Unlock()
 	if err := c.g.subscribe(ctx, c, topic); err != nil {
 		c.g.Logger.Warn("subscription failed", "topic", topic, "err", err)
 		c.drop(topic)
-		c.reply("error", topic, map[string]string{"code": "unavailable", "message": "events are unavailable; retry"})
+		c.reply(ctx, "error", topic, map[string]string{"code": "unavailable", "message": "events are unavailable; retry"})
 		return
 	}
-	c.reply("subscribed", topic, struct{}{})
-	if m.Since == "" {
-		return
-	}
-	missed, err := c.g.Events.Since(ctx, topic, m.Since, replayLimit)
-	if err != nil {
-		c.g.Logger.Warn("replay failed", "topic", topic, "err", err)
-		c.reply("error", topic, map[string]string{"code": "unavailable", "message": "could not replay missed events; resubscribe"})
-	}
-	for _, e := range missed {
-		data, _ := json.Marshal(Message{Type: e.Type, Topic: e.Topic, ID: e.ID, Data: e.Data})
-		if !c.enqueue(data) {
-			return
-		}
-		sub.last = e.ID
-	}
-	// Hand over to live delivery: release what arrived during the replay.
+	// The subscription may have been revoked meanwhile (a recheck drops
+	// it from subs, and the gateway must forget it too).
 	c.mu.Lock()
-	buf, ids := sub.buf, sub.bufIDs
-	sub.buf, sub.bufIDs, sub.replaying = nil, nil, false
-	last := sub.last
+	current := c.subs[topic] == sub
 	c.mu.Unlock()
-	for i, payload := range buf {
-		if compareIDs(ids[i], last) > 0 {
-			if !c.enqueue(payload) {
-				return
+	if !current {
+		c.g.unsubscribe(c, topic)
+		return
+	}
+	// Live events wait in sub.buf until the reply and the replay are queued,
+	// so that the client sees "subscribed", then what it missed, then
+	// live events, each once.
+	c.reply(ctx, "subscribed", topic, struct{}{})
+	if m.Since != "" && !c.replay(ctx, topic, sub) {
+		return
+	}
+	c.handOver(ctx, sub)
+}
+
+// replay queues the events of topic stored after sub.last, at the pace the
+// client reads them.
+func (c *conn) replay(ctx context.Context, topic string, sub *subscription) bool {
+	for {
+		c.mu.Lock()
+		since := sub.last
+		c.mu.Unlock()
+		missed, err := c.g.Events.Since(ctx, topic, since, replayPage)
+		if err != nil {
+			c.g.Logger.Warn("replay failed", "topic", topic, "err", err)
+			c.reply(ctx, "error", topic, map[string]string{"code": "unavailable", "message": "could not replay missed events; resubscribe"})
+			return true // live events go on
+		}
+		for _, e := range missed {
+			data, _ := json.Marshal(Message{Type: e.Type, Topic: e.Topic, ID: e.ID, Data: e.Data})
+			if !c.enqueueWait(ctx, data) {
+				return false
 			}
 			c.mu.Lock()
-			sub.last = ids[i]
+			sub.last = e.ID
 			c.mu.Unlock()
+		}
+		if len(missed) < replayPage {
+			return true
 		}
 	}
 }
 
-func (c *conn) handleUnsubscribe(topic string) {
-	if strings.HasPrefix(topic, "user:") {
+// handOver queues the live events that arrived while sub was pending, then
+// lets live events through. Events the replay already sent are skipped.
+func (c *conn) handOver(ctx context.Context, sub *subscription) {
+	for {
+		c.mu.Lock()
+		buf, ids := sub.buf, sub.bufIDs
+		sub.buf, sub.bufIDs = nil, nil
+		if len(buf) == 0 {
+			sub.pending = false
+			c.mu.Unlock()
+			return
+		}
+		last := sub.last
+		c.mu.Unlock()
+		for i, payload := range buf {
+			if last != "" && compareIDs(ids[i], last) <= 0 {
+				continue
+			}
+			if !c.enqueueWait(ctx, payload) {
+				return
+			}
+			last = ids[i]
+		}
+		c.mu.Lock()
+		sub.last = last
+		c.mu.Unlock()
+	}
+}
+
+func (c *conn) handleUnsubscribe(ctx context.Context, topic string) {
+	if kind, id, _ := strings.Cut(topic, ":"); kind == "user" {
 		topic = events.UserTopic(c.principal().ID)
+	} else if kind == "agent" || kind == "command" {
+		topic = kind + ":" + strings.ToLower(id)
 	}
-	if c.drop(topic) {
-		c.reply("unsubscribed", topic, struct{}{})
-	}
+	c.drop(topic)
+	c.reply(ctx, "unsubscribed", topic, struct{}{})
 }
 
 // drop removes a subscription; false if there was none.
@@ -194,8 +261,8 @@ func (c *conn) drop(topic string) bool {
 	return ok
 }
 
-// deliver queues a live event of topic, unless the subscription is
-// replaying (it waits) or already has it.
+// deliver queues a live event of topic, unless the subscription is pending
+// (it waits) or already has it. It never blocks.
 func (c *conn) deliver(topic, id string, payload []byte) {
 	c.mu.Lock()
 	sub, ok := c.subs[topic]
@@ -203,7 +270,7 @@ func (c *conn) deliver(topic, id string, payload []byte) {
 		c.mu.Unlock()
 		return
 	}
-	if sub.replaying {
+	if sub.pending {
 		if len(sub.buf) >= c.g.SendQueue {
 			c.mu.Unlock()
 			c.slow()
@@ -225,36 +292,102 @@ func (c *conn) deliver(topic, id string, payload []byte) {
 // enqueue puts a message in the send queue without ever blocking: a full
 // queue means the client is too slow, and it is cut off.
 func (c *conn) enqueue(data []byte) bool {
-	select {
-	case c.send <- data:
-		return true
-	default:
+	if c.cut.Load() {
+		return false
+	}
+	c.qmu.Lock()
+	if len(c.queue) >= c.g.SendQueue {
+		c.qmu.Unlock()
 		c.slow()
 		return false
+	}
+	c.queue = append(c.queue, data)
+	c.qmu.Unlock()
+	signal(c.wake)
+	return true
+}
+
+// enqueueWait puts a message in the send queue, waiting for room: a replay
+// goes at the pace of the client. False if the connection ends first.
+func (c *conn) enqueueWait(ctx context.Context, data []byte) bool {
+	for {
+		if c.cut.Load() {
+			return false
+		}
+		c.qmu.Lock()
+		if len(c.queue) < c.g.SendQueue {
+			c.queue = append(c.queue, data)
+			c.qmu.Unlock()
+			signal(c.wake)
+			return true
+		}
+		c.qmu.Unlock()
+		select {
+		case <-c.space:
+		case <-c.writerDone:
+			return false
+		case <-ctx.Done():
+			return false
+		}
+	}
+}
+
+// next takes the oldest message of the send queue; nil if it is empty.
+func (c *conn) next() []byte {
+	c.qmu.Lock()
+	defer c.qmu.Unlock()
+	if len(c.queue) == 0 {
+		return nil
+	}
+	data := c.queue[0]
+	c.queue[0] = nil
+	c.queue = c.queue[1:]
+	if len(c.queue) == 0 {
+		c.queue = nil // let an idle connection hold no buffer
+	}
+	signal(c.space)
+	return data
+}
+
+func signal(ch chan struct{}) {
+	select {
+	case ch <- struct{}{}:
+	default:
 	}
 }
 
 func (c *conn) slow() {
-	c.g.Metrics.SlowClient()
-	c.shutdown(CloseSlowConsumer, "too slow: reconnect and resubscribe with since")
-}
-
-// shutdown asks the writer to close the connection with code.
-func (c *conn) shutdown(code int, reason string) {
-	select {
-	case c.closing <- closeReq{code, reason}:
-	default:
+	if c.shutdown(CloseSlowConsumer, "too slow: reconnect and resubscribe with since") {
+		c.g.Metrics.SlowClient()
 	}
 }
 
-func (c *conn) reply(typ, topic string, data any) {
+// shutdown asks the writer to close the connection with code; the first
+// request wins, and false means there was one already.
+func (c *conn) shutdown(code int, reason string) bool {
+	if !c.cut.CompareAndSwap(false, true) {
+		return false
+	}
+	c.closing <- closeReq{code, reason}
+	return true
+}
+
+// reply answers the client. Only the reader replies, and it waits for
+// room in the queue: a client that sends faster than it reads is slowed
+// down, not cut off.
+func (c *conn) reply(ctx context.Context, typ, topic string, data any) {
+	c.enqueueWait(ctx, message(typ, topic, data))
+}
+
+func message(typ, topic string, data any) []byte {
 	raw, _ := json.Marshal(data)
 	msg, _ := json.Marshal(Message{Type: typ, Topic: topic, Data: raw})
-	c.enqueue(msg)
+	return msg
 }
 
 // writer sends queued messages and pings, and closes the connection when
-// asked, after a last message telling the client why.
+// asked, telling a client that should come back (the server restarts)
+// to reconnect first.
 func (c *conn) writer(ctx context.Context) {
 	ping := time.NewTicker(c.g.PingInterval)
 	defer ping.Stop()
@@ -267,7 +400,7 @@ func (c *conn) writer(ctx context.Context) {
 		case <-ctx.Done():
 			return
 		case req := <-c.closing:
-			if req.code != CloseSlowConsumer {
+			if req.code == websocket.CloseServiceRestart {
 				raw, _ := json.Marshal(map[string]any{"code": req.code, "reason": req.reason})
 				msg, _ := json.Marshal(Message{Type: "reconnect", Data: raw})
 				write(websocket.TextMessage, msg)
@@ -275,14 +408,18 @@ func (c *conn) writer(ctx context.Context) {
 			_ = c.ws.WriteControl(websocket.CloseMessage, websocket.FormatCloseMessage(req.code, req.reason), time.Now().Add(time.Second))
 			c.ws.Close()
 			return
-		case data := <-c.send:
-			if !write(websocket.TextMessage, data) {
-				c.ws.Close()
-				return
+		case <-c.wake:
+			for data := c.next(); data != nil; data = c.next() {
+				if c.cut.Load() {
+					break // the close request is waiting
+				}
+				if !write(websocket.TextMessage, data) {
+					c.ws.Close()
+					return
+				}
+				c.g.Metrics.EventsSent(1)
 			}
-			c.g.Metrics.EventsSent(1)
 		case <-ping.C:
-			_ = c.ws.SetWriteDeadline(time.Now().Add(10 * time.Second))
 			if err := c.ws.WriteControl(websocket.PingMessage, nil, time.Now().Add(10*time.Second)); err != nil {
 				c.ws.Close()
 				return
@@ -291,48 +428,39 @@ func (c *conn) writer(ctx context.Context) {
 	}
 }
 
+// requestRecheck queues the connection for a recheck at the gateway,
+// once however often it is asked before the recheck runs.
 func (c *conn) requestRecheck() {
-	select {
-	case c.recheck <- struct{}{}:
-	default:
+	if c.rechecking.CompareAndSwap(false, true) {
+		c.g.queueRecheck(c)
 	}
 }
 
-// rechecker re-authenticates and re-decides every subscription when access
-// may have changed, and once a minute regardless: a revoked grant ends its
-// subscription, revoked credentials the connection.
-func (c *conn) rechecker(ctx context.Context) {
-	t := time.NewTicker(time.Minute)
-	defer t.Stop()
-	for {
-		select {
-		case <-ctx.Done():
-			return
-		case <-c.recheck:
-		case <-t.C:
+// recheck re-authenticates and re-decides every subscription: a revoked
+// grant ends its subscription, revoked credentials the connection.
+func (c *conn) recheck(ctx context.Context) {
+	c.rechecking.Store(false)
+	p, err := c.rebuild(ctx)
+	if err != nil {
+		if code := platform.ErrorCode(err); code == platform.EUNAUTHORIZED || code == platform.EFORBIDDEN {
+			c.shutdown(CloseRevoked, "credentials revoked or expired")
 		}
-		p, err := c.rebuild(ctx)
-		if err != nil {
-			if platform.ErrorCode(err) == platform.EUNAUTHORIZED || platform.ErrorCode(err) == platform.EFORBIDDEN {
-				c.shutdown(CloseRevoked, "credentials revoked or expired")
-				return
+		return // a dependency hiccup: keep what we have, check again later
+	}
+	c.p.Store(p)
+	c.mu.Lock()
+	topics := make([]string, 0, len(c.subs))
+	for t := range c.subs {
+		topics = append(topics, t)
+	}
+	c.mu.Unlock()
+	for _, topic := range topics {
+		if _, err := c.g.Authorize(platform.WithPrincipal(ctx, p), p, topic); err != nil {
+			if code := platform.ErrorCode(err); code == platform.EUNAVAILABLE || code == platform.EINTERNAL {
+				continue
 			}
-			continue // a dependency hiccup: keep what we have, check again later
-		}
-		c.p.Store(p)
-		c.mu.Lock()
-		topics := make([]string, 0, len(c.subs))
-		for t := range c.subs {
-			topics = append(topics, t)
-		}
-		c.mu.Unlock()
-		for _, topic := range topics {
-			if _, err := c.g.Authorize(platform.WithPrincipal(ctx, p), p, topic); err != nil {
-				if code := platform.ErrorCode(err); code == platform.EUNAVAILABLE || code == platform.EINTERNAL {
-					continue
-				}
-				c.drop(topic)
-				c.reply("error", topic, map[string]string{"code": "revoked", "message": "access to this topic was revoked"})
+			if c.drop(topic) {
+				c.enqueue(message("error", topic, map[string]string{"code": "revoked", "message": "access to this topic was revoked"}))
 			}
 		}
 	}

@@ -88,17 +88,38 @@ type Gateway struct {
 	PingInterval time.Duration
 	// MaxSubscriptions bounds the topics one connection may follow.
 	MaxSubscriptions int
+	// RecheckInterval is how often every connection's access is decided
+	// again, besides when an invalidation says it may have changed.
+	RecheckInterval time.Duration
+	// Recheckers is how many rechecks run at once (they query the
+	// database).
+	Recheckers int
 
-	mu      sync.Mutex
-	conns   map[*conn]struct{}
-	topics  map[string]map[*conn]struct{}
-	waiting map[string][]chan struct{} // channel → subscribers awaiting Redis' confirmation
+	mu     sync.Mutex
+	conns  map[*conn]struct{}
+	topics map[string]map[*conn]struct{}
+	// waiting holds, per channel, one signal per SUBSCRIBE sent and not
+	// yet confirmed, oldest first; it is closed by the confirmation.
+	// Subscribers arriving meanwhile wait for the newest. While a channel
+	// has any, its messages are dropped: they come from an earlier
+	// subscription, with a gap before the new one starts.
+	waiting map[string][]chan struct{}
 	ps      *redis.PubSub
 	closing bool
 
+	// psMu orders the replica's SUBSCRIBE and UNSUBSCRIBE commands as the
+	// decisions to send them were taken: a topic's last subscriber
+	// leaving and a new first one arriving must reach Redis in that order.
+	psMu sync.Mutex
+
+	// Connections waiting for a recheck, and a signal that there are.
+	recheckMu   sync.Mutex
+	rechecks    []*conn
+	recheckWake chan struct{}
+
 	stopOnce sync.Once
 	cancel   context.CancelFunc
-	done     chan struct{}
+	wg       sync.WaitGroup
 }
 
 // Start opens the pub/sub connection and relays events until Stop.
@@ -115,29 +136,59 @@ func (g *Gateway) Start(ctx context.Context) error {
 	if g.MaxSubscriptions <= 0 {
 		g.MaxSubscriptions = 1000
 	}
+	if g.RecheckInterval <= 0 {
+		g.RecheckInterval = time.Minute
+	}
+	if g.Recheckers <= 0 {
+		g.Recheckers = 4
+	}
 	g.conns = map[*conn]struct{}{}
 	g.topics = map[string]map[*conn]struct{}{}
 	g.waiting = map[string][]chan struct{}{}
+	g.recheckWake = make(chan struct{}, 1)
 	ctx, g.cancel = context.WithCancel(ctx)
-	g.done = make(chan struct{})
 	g.ps = g.Redis.Subscribe(ctx)
-	go g.relay(ctx)
+	g.wg.Add(2 + g.Recheckers)
+	go func() {
+		defer g.wg.Done()
+		g.relay(ctx)
+	}()
+	go func() {
+		defer g.wg.Done()
+		g.recheckAll(ctx)
+	}()
+	for range g.Recheckers {
+		go func() {
+			defer g.wg.Done()
+			g.rechecker(ctx)
+		}()
+	}
 	return nil
 }
 
 // relay reads the pub/sub connection and fans each event out to the local
 // subscribers of its topic.
 func (g *Gateway) relay(ctx context.Context) {
-	defer close(g.done)
 	for {
 		msg, err := g.ps.Receive(ctx)
 		if err != nil {
 			if ctx.Err() != nil {
 				return
 			}
-			// go-redis reconnects and resubscribes by itself; events
-			// published meanwhile are in the streams for clients to replay.
-			g.Logger.Warn("event relay interrupted", "err", err)
+			// go-redis reconnects and resubscribes by itself, but the
+			// events published meanwhile were not relayed: every client
+			// reconnects and resubscribes with since, to replay them from
+			// the streams.
+			g.Logger.Warn("event relay interrupted; clients are told to reconnect", "err", err)
+			g.mu.Lock()
+			conns := make([]*conn, 0, len(g.conns))
+			for c := range g.conns {
+				conns = append(conns, c)
+			}
+			g.mu.Unlock()
+			for _, c := range conns {
+				c.shutdown(websocket.CloseServiceRestart, "event relay interrupted: reconnect and resubscribe with since")
+			}
 			select {
 			case <-ctx.Done():
 				return
@@ -149,26 +200,35 @@ func (g *Gateway) relay(ctx context.Context) {
 		case *redis.Subscription:
 			if m.Kind == "subscribe" {
 				g.mu.Lock()
-				for _, ch := range g.waiting[m.Channel] {
-					close(ch)
+				if w := g.waiting[m.Channel]; len(w) > 0 {
+					close(w[0])
+					if len(w) == 1 {
+						delete(g.waiting, m.Channel)
+					} else {
+						g.waiting[m.Channel] = w[1:]
+					}
 				}
-				delete(g.waiting, m.Channel)
 				g.mu.Unlock()
 			}
 		case *redis.Message:
-			g.fanOut(g.Events.TopicOf(m.Channel), m.Payload)
+			g.fanOut(m.Channel, m.Payload)
 		}
 	}
 }
 
-func (g *Gateway) fanOut(topic, payload string) {
+func (g *Gateway) fanOut(channel, payload string) {
 	var head struct {
 		ID string `json:"id"`
 	}
 	if err := json.Unmarshal([]byte(payload), &head); err != nil {
 		return
 	}
+	topic := g.Events.TopicOf(channel)
 	g.mu.Lock()
+	if len(g.waiting[channel]) > 0 {
+		g.mu.Unlock()
+		return
+	}
 	subs := make([]*conn, 0, len(g.topics[topic]))
 	for c := range g.topics[topic] {
 		subs = append(subs, c)
@@ -182,6 +242,7 @@ func (g *Gateway) fanOut(topic, payload string) {
 // subscribe adds c to topic's subscribers and returns once Redis delivers
 // the topic's events to this replica.
 func (g *Gateway) subscribe(ctx context.Context, c *conn, topic string) error {
+	g.psMu.Lock()
 	g.mu.Lock()
 	subs := g.topics[topic]
 	first := subs == nil
@@ -192,19 +253,22 @@ func (g *Gateway) subscribe(ctx context.Context, c *conn, topic string) error {
 	subs[c] = struct{}{}
 	channel := g.Events.Channel(topic)
 	var confirmed chan struct{}
-	if first || g.waiting[channel] != nil {
+	if w := g.waiting[channel]; first {
 		confirmed = make(chan struct{})
-		g.waiting[channel] = append(g.waiting[channel], confirmed)
+		g.waiting[channel] = append(w, confirmed)
+	} else if len(w) > 0 {
+		confirmed = w[len(w)-1]
 	}
 	g.mu.Unlock()
 	g.Metrics.Subscriptions(1)
+	if first {
+		// Even if this fails, go-redis keeps the channel and subscribes
+		// when it reconnects; the confirmation says when.
+		_ = g.ps.Subscribe(ctx, channel)
+	}
+	g.psMu.Unlock()
 	if confirmed == nil {
 		return nil
-	}
-	if first {
-		if err := g.ps.Subscribe(ctx, channel); err != nil {
-			return err
-		}
 	}
 	select {
 	case <-confirmed:
@@ -217,6 +281,8 @@ func (g *Gateway) subscribe(ctx context.Context, c *conn, topic string) error {
 }
 
 func (g *Gateway) unsubscribe(c *conn, topic string) {
+	g.psMu.Lock()
+	defer g.psMu.Unlock()
 	g.mu.Lock()
 	subs := g.topics[topic]
 	if _, ok := subs[c]; !ok {
@@ -258,7 +324,7 @@ func (g *Gateway) Stop(ctx context.Context) {
 		if g.cancel != nil {
 			g.cancel()
 			_ = g.ps.Close()
-			<-g.done
+			g.wg.Wait()
 		}
 	})
 }
@@ -304,6 +370,80 @@ func (g *Gateway) Invalidate(keys ...string) {
 	}
 }
 
+// queueRecheck hands c to the rechecking goroutines, without blocking.
+func (g *Gateway) queueRecheck(c *conn) {
+	g.recheckMu.Lock()
+	g.rechecks = append(g.rechecks, c)
+	g.recheckMu.Unlock()
+	signal(g.recheckWake)
+}
+
+// rechecker re-decides the access of the connections queued for it.
+func (g *Gateway) rechecker(ctx context.Context) {
+	for ctx.Err() == nil {
+		g.recheckMu.Lock()
+		var c *conn
+		if len(g.rechecks) > 0 {
+			c = g.rechecks[0]
+			g.rechecks[0] = nil
+			g.rechecks = g.rechecks[1:]
+			if len(g.rechecks) == 0 {
+				g.rechecks = nil
+			} else {
+				signal(g.recheckWake) // for another rechecker
+			}
+		}
+		g.recheckMu.Unlock()
+		if c == nil {
+			select {
+			case <-ctx.Done():
+				return
+			case <-g.recheckWake:
+			}
+			continue
+		}
+		select {
+		case <-c.done:
+		default:
+			c.recheck(ctx)
+		}
+	}
+}
+
+// recheckAll queues every connection for a recheck each RecheckInterval,
+// spread over the interval.
+func (g *Gateway) recheckAll(ctx context.Context) {
+	t := time.NewTicker(g.RecheckInterval)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+		g.mu.Lock()
+		conns := make([]*conn, 0, len(g.conns))
+		for c := range g.conns {
+			conns = append(conns, c)
+		}
+		g.mu.Unlock()
+		if len(conns) == 0 {
+			continue
+		}
+		pause := g.RecheckInterval / 2 / time.Duration(len(conns))
+		for _, c := range conns {
+			c.requestRecheck()
+			if pause > time.Millisecond {
+				select {
+				case <-ctx.Done():
+					return
+				case <-time.After(pause):
+				}
+			}
+		}
+	}
+}
+
 // Upgrader settings: small buffers (a pool shares write buffers), since a
 // replica holds many mostly idle connections.
 var writeBuffers = &sync.Pool{}
@@ -326,12 +466,7 @@ func (g *Gateway) Accept(w http.ResponseWriter, r *http.Request, p *platform.Pri
 	if err != nil {
 		return // the upgrader answered the client
 	}
-	c := &conn{
-		g: g, ws: ws, rebuild: rebuild, session: session, keyPrefix: keyPrefix,
-		send: make(chan []byte, g.SendQueue), subs: map[string]*subscription{},
-		done: make(chan struct{}), recheck: make(chan struct{}, 1), closing: make(chan closeReq, 1),
-	}
-	c.p.Store(p)
+	c := newConn(g, ws, p, rebuild, session, keyPrefix)
 	g.mu.Lock()
 	if g.closing {
 		g.mu.Unlock()
