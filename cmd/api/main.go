@@ -295,6 +295,7 @@ func serve(ctx context.Context, s config.Settings, stdout io.Writer, logger *slo
 		Guard:      guard,
 		ACL:        acl,
 		Audit:      svc.audit,
+		Admin:      &httpapi.Admin{Inspector: asynq.NewInspectorFromRedisClient(svc.rdb), Queue: commands.QueueName(s.RedisPrefix)},
 		Realtime: &httpapi.Realtime{
 			Gateway:        gateway,
 			Tickets:        realtime.NewTickets(svc.rdb, s.RedisPrefix, 30*time.Second),

@@ -32,6 +32,8 @@ type Deps struct {
 	Dispatcher *commands.Dispatcher
 	// Realtime serves the WebSocket gateway and notifications.
 	Realtime *Realtime
+	// Admin serves the superadmins' queue views.
+	Admin *Admin
 }
 
 // Routes registers the whole API surface on s. Every operation of the
@@ -56,4 +58,7 @@ func (s *Server) Routes(d Deps) {
 	}
 	s.aclRoutes(d)
 	s.auditRoutes(d)
+	if d.Admin != nil {
+		s.adminRoutes(d)
+	}
 }

@@ -2,6 +2,13 @@ package httpapi_test
 
 import (
 	"io"
+	"time"
+
+	"github.com/hibiken/asynq"
+
+	"github.com/agentry/agentry/internal/events"
+	"github.com/agentry/agentry/internal/notify"
+	"github.com/agentry/agentry/internal/realtime"
 	"log/slog"
 	"net/http/httptest"
 	"testing"
@@ -23,6 +30,7 @@ import (
 func TestEveryRouteIsDocumented(t *testing.T) {
 	t.Parallel()
 	db := testenv.Postgres(t)
+	rdb, prefix := testenv.Redis(t)
 	logger := slog.New(slog.NewTextHandler(io.Discard, nil))
 	s := httpapi.New(httpapi.Options{Logger: logger, Metrics: metrics.New("api", "test"), Version: "test"})
 	identity := &postgres.IdentityStore{DB: db}
@@ -45,6 +53,12 @@ func TestEveryRouteIsDocumented(t *testing.T) {
 		Kinds:      &templates.Kinds{},
 		Sealer:     sealer,
 		Dispatcher: &commands.Dispatcher{Store: &commands.Store{DB: db}, Logger: logger},
+		Admin:      &httpapi.Admin{Inspector: asynq.NewInspectorFromRedisClient(rdb), Queue: commands.QueueName(prefix)},
+		Realtime: &httpapi.Realtime{
+			Gateway: &realtime.Gateway{Events: events.NewBus(rdb, prefix, 100), Redis: rdb, Logger: logger},
+			Tickets: realtime.NewTickets(rdb, prefix, time.Minute),
+			Notify:  &notify.Service{DB: db, Logger: logger},
+		},
 	})
 	srv := httptest.NewServer(s)
 	defer srv.Close()
