@@ -130,13 +130,21 @@ func (s *Service) Muted(ctx context.Context, userID string) ([]string, error) {
 	if err := s.DB.GetContext(ctx, &raw, `SELECT muted_kinds FROM users WHERE id = $1`, userID); err != nil {
 		return nil, err
 	}
-	out := []string{}
-	err := json.Unmarshal(raw, &out)
-	return out, err
+	var out []string
+	if err := json.Unmarshal(raw, &out); err != nil {
+		return nil, err
+	}
+	if out == nil {
+		out = []string{} // a list, never null
+	}
+	return out, nil
 }
 
 // SetMuted replaces the kinds the user muted.
 func (s *Service) SetMuted(ctx context.Context, userID string, kinds []string) error {
+	if kinds == nil {
+		kinds = []string{} // stored as a list, never as null
+	}
 	data, _ := json.Marshal(kinds)
 	_, err := s.DB.ExecContext(ctx, `UPDATE users SET muted_kinds = $2 WHERE id = $1`, userID, string(data))
 	return err
