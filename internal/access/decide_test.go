@@ -310,7 +310,7 @@ var decideCases = []decideCase{
 }
 
 // TestDecide runs every case of the decision order through Decide, through
-// Decide fed by the SQL of Entries, through the Guard (which loads
+// Decide fed by the SQL of Entries and of AllEntries, through the Guard (which loads
 // type-wide entries itself and maps denials to 404 or 403), and through
 // the SQL of Filter, which must select exactly the rows Decide allows.
 func TestDecide(t *testing.T) {
@@ -348,7 +348,7 @@ func TestDecide(t *testing.T) {
 			g := &access.Guard{DB: w.db, Audit: audit}
 			var entriesJSON []byte
 			if ref != nil {
-				entriesJSON = w.entriesOf(t, p, scope, tc.res)
+				entriesJSON = w.entriesOf(t, tc.res, func(a *sqlq.Args) string { return access.Entries(p, scope, a) })
 			}
 			err := g.Decide(platform.WithPrincipal(ctx, p), p, scope, tc.action, ref, entriesJSON)
 			switch {
@@ -367,18 +367,22 @@ func TestDecide(t *testing.T) {
 				}
 			}
 
-			// Entries: for every row, Decide on the entries SQL returns
-			// decides as Decide on every entry.
+			// Entries and AllEntries: for every row, Decide on the entries
+			// the SQL returns decides as Decide on every entry.
 			for _, name := range []string{"X", "Y", "W", "V", "Z", "M"} {
-				fromSQL := w.entriesOf(t, p, scope, name)
-				var got []platform.ACLEntry
-				if err := json.Unmarshal(fromSQL, &got); err != nil {
-					t.Fatalf("Entries of %s: %v: %s", name, err, fromSQL)
-				}
 				want := access.Decide(p, scope, tc.action, w.ref(name), entries)
-				viaSQL := access.Decide(p, scope, tc.action, w.ref(name), got)
-				if want.Allowed != viaSQL.Allowed || want.Reason != viaSQL.Reason {
-					t.Errorf("row %s: Decide with every entry %+v, with Entries %+v (%s)", name, want, viaSQL, fromSQL)
+				for expr, fromSQL := range map[string][]byte{
+					"Entries":    w.entriesOf(t, name, func(a *sqlq.Args) string { return access.Entries(p, scope, a) }),
+					"AllEntries": w.entriesOf(t, name, func(a *sqlq.Args) string { return access.AllEntries(scope, a) }),
+				} {
+					var got []platform.ACLEntry
+					if err := json.Unmarshal(fromSQL, &got); err != nil {
+						t.Fatalf("%s of %s: %v: %s", expr, name, err, fromSQL)
+					}
+					viaSQL := access.Decide(p, scope, tc.action, w.ref(name), got)
+					if want.Allowed != viaSQL.Allowed || want.Reason != viaSQL.Reason {
+						t.Errorf("row %s: Decide with every entry %+v, with %s %+v (%s)", name, want, expr, viaSQL, fromSQL)
+					}
 				}
 			}
 
@@ -417,12 +421,13 @@ func TestDecide(t *testing.T) {
 	}
 }
 
-// entriesOf runs a GET-style query of the named row with Entries.
-func (w *world) entriesOf(t *testing.T, p *platform.Principal, scope platform.Scope, name string) []byte {
+// entriesOf runs a GET-style query of the named row selecting the entries
+// expression expr builds (Entries or AllEntries).
+func (w *world) entriesOf(t *testing.T, name string, expr func(*sqlq.Args) string) []byte {
 	t.Helper()
 	var args sqlq.Args
 	id := args.Add(w.id[name])
-	q := "SELECT " + access.Entries(p, scope, &args) + " FROM res t WHERE t.id = " + id
+	q := "SELECT " + expr(&args) + " FROM res t WHERE t.id = " + id
 	var out []byte
 	if err := w.db.GetContext(context.Background(), &out, q, args...); err != nil {
 		t.Fatalf("Entries: %v\n%s", err, q)
