@@ -198,6 +198,18 @@ func TestOWASPAPI1BrokenObjectLevelAuthorization(t *testing.T) {
 		if !secHasAudit(events, carol.ID, "Agent.update", "denied") || !secHasAudit(events, carol.ID, "Agent.delete", "denied") || !secHasAudit(events, carol.ID, "acl.grant", "denied") {
 			t.Fatalf("the viewer's denials are not in the audit log: %v", events)
 		}
+		// A type-wide deny takes effect at once, cached rows or not, and
+		// so does its revocation.
+		agent := paths[0]
+		carolInAlice.Must(200, "GET", agent, nil)
+		entry := alice.Must(201, "POST", "/v1/acl", map[string]any{"resource_type": "Agent", "principal_id": carol.ID, "action": "read", "effect": "deny"}).Str(t, "id")
+		Eventually(t, time.Second, "the type-wide deny applies", func() bool { return carolInAlice.Do("GET", agent, nil).Status == 404 })
+		if ids := secListIDs(t, carolInAlice, "/v1/agents"); len(ids) != 0 {
+			t.Fatalf("the denied viewer lists agents: %v", ids)
+		}
+		carolInAlice.Must(200, "GET", paths[1], nil)
+		alice.Must(204, "DELETE", "/v1/acl/"+entry, nil)
+		Eventually(t, time.Second, "the revoked deny no longer applies", func() bool { return carolInAlice.Do("GET", agent, nil).Status == 200 })
 	})
 
 	secStep(t, "same organization, no permission on agents", func() {
