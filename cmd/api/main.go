@@ -252,7 +252,10 @@ func serve(ctx context.Context, s config.Settings, stdout io.Writer, logger *slo
 		}
 		svc.bus.Publish(ctx, "acl:"+orgID)
 	}}
-	registry := &crud.Registry{API: srv.API, DB: db, Guard: guard, ACL: acl, Cache: rows, MaxBodyBytes: s.MaxBodyBytes}
+	registry := &crud.Registry{API: srv.API, DB: db, Guard: guard, ACL: acl, MaxBodyBytes: s.MaxBodyBytes}
+	if s.Cache {
+		registry.Cache = rows
+	}
 	bus := events.NewBus(svc.rdb, s.RedisPrefix, s.EventStreamMaxLen)
 	gateway := &realtime.Gateway{
 		Events:       bus,

@@ -231,6 +231,7 @@ func run(ctx context.Context, o options) error {
 		bp := measure(barePrep.url, testHeaders, randomAgent)
 		f := measure(fw.url, testHeaders, randomAgent)
 		a := measure(env.api.url, apiHeaders, randomAgent)
+		ac := measure(env.cached.url, apiHeaders, randomAgent)
 		b2 := measure(bare.url, testHeaders, randomAgent)
 		bp2 := measure(barePrep.url, testHeaders, randomAgent)
 		base, basePrep := (b.rps+b2.rps)/2, (bp.rps+bp2.rps)/2
@@ -241,6 +242,7 @@ func run(ctx context.Context, o options) error {
 		if want("api_get") {
 			line("api_get_authenticated_acl", a.rps, "req/s", "gin_sqlx", base, "req/s")
 			line("api_get_authenticated_acl", a.rps, "req/s", "gin_sqlx_prepared", basePrep, "req/s")
+			line("api_get_cached", ac.rps, "req/s", "gin_sqlx", base, "req/s")
 		}
 		checkErrors(b, bp, f, a)
 	}
@@ -265,7 +267,7 @@ func checkErrors(rs ...result) {
 type benchEnv struct {
 	dsn, org, user, token string
 	ids                   []string
-	api                   *server
+	api, cached           *server
 }
 
 // prepare creates a schema, starts the real api on it, registers a user and
@@ -303,15 +305,24 @@ func prepare(ctx context.Context, bin string) (*benchEnv, func(), error) {
 		return nil, nil, err
 	}
 	env := &benchEnv{dsn: dsn}
-	api := exec.Command(filepath.Join(bin, "api"))
-	api.Env = append(os.Environ(),
-		"AGENTRY_ENV=test", "AGENTRY_DATABASE_URL="+dsn, "AGENTRY_REDIS_URL="+testenv.RedisURL(),
-		"AGENTRY_REDIS_PREFIX="+schema, "AGENTRY_HTTP_ADDR=127.0.0.1:0", "AGENTRY_CONFIG_DIR="+bin)
-	if env.api, err = start(ctx, "api", api); err != nil {
+	apiCmd := func(cache bool) *exec.Cmd {
+		api := exec.Command(filepath.Join(bin, "api"))
+		api.Env = append(os.Environ(),
+			"AGENTRY_ENV=test", "AGENTRY_DATABASE_URL="+dsn, "AGENTRY_REDIS_URL="+testenv.RedisURL(),
+			"AGENTRY_REDIS_PREFIX="+schema, "AGENTRY_HTTP_ADDR=127.0.0.1:0", "AGENTRY_CONFIG_DIR="+bin,
+			"AGENTRY_CACHE="+strconv.FormatBool(cache))
+		return api
+	}
+	if env.api, err = start(ctx, "api", apiCmd(false)); err != nil {
 		cleanup()
 		return nil, nil, err
 	}
-	stopAll := func() { env.api.stop(); cleanup() }
+	if env.cached, err = start(ctx, "api-cached", apiCmd(true)); err != nil {
+		env.api.stop()
+		cleanup()
+		return nil, nil, err
+	}
+	stopAll := func() { env.api.stop(); env.cached.stop(); cleanup() }
 	post := func(path string, body map[string]any) (map[string]any, error) {
 		data, _ := json.Marshal(body)
 		res, err := http.Post(env.api.url+path, "application/json", bytes.NewReader(data))

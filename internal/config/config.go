@@ -88,6 +88,7 @@ type Settings struct {
 	EgressMaxBytes        int64         `setting:"egress_max_bytes"`
 	EgressTimeout         time.Duration `setting:"egress_timeout"`
 	CacheTTL              time.Duration `setting:"cache_ttl"`
+	Cache                 bool          `setting:"cache"`
 	CommandRetention      time.Duration `setting:"command_retention"`
 	LoginMaxFailures      int           `setting:"login_max_failures"`
 	LoginFailureWindow    time.Duration `setting:"login_failure_window"`
@@ -140,6 +141,7 @@ func Defaults(env string) Settings {
 		EgressMaxBytes:        5 << 20,
 		EgressTimeout:         15 * time.Second,
 		CacheTTL:              5 * time.Minute,
+		Cache:                 true,
 		CommandRetention:      30 * 24 * time.Hour,
 		LoginMaxFailures:      5,
 		LoginFailureWindow:    15 * time.Minute,
