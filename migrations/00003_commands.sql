@@ -102,17 +102,29 @@ DECLARE
     v_org_waiting integer;
     v_free integer;
 BEGIN
+    -- Nothing waits (the common case): done, without a lock. A command
+    -- inserted meanwhile is admitted by its own dispatch, after it commits.
+    IF NOT EXISTS (SELECT 1 FROM commands w WHERE w.agent_id = p_agent AND w.status = 'queued' AND w.admitted_at IS NULL) THEN
+        RETURN;
+    END IF;
     SELECT a.org_id, GREATEST(COALESCE((a.config->>'max_concurrency')::integer, 1), 1), a.status
       INTO v_org, v_max, v_status
       FROM agents a WHERE a.id = p_agent FOR NO KEY UPDATE;
     IF NOT FOUND OR v_status = 'disabled' THEN
         RETURN;
     END IF;
+    -- Counts stop at the limits: their cost is bounded by the limits, not
+    -- by the size of the organization's work.
+    SELECT count(*) INTO v_agent_busy FROM (SELECT 1 FROM commands c
+     WHERE c.agent_id = p_agent AND c.admitted_at IS NOT NULL AND c.status IN ('queued', 'running') LIMIT v_max) busy;
+    IF v_agent_busy >= v_max THEN
+        RETURN;
+    END IF;
     PERFORM pg_advisory_xact_lock(hashtextextended('agentry:admit:' || v_org::text, 0));
-    SELECT count(*) INTO v_agent_busy FROM commands c
-     WHERE c.agent_id = p_agent AND c.admitted_at IS NOT NULL AND c.status IN ('queued', 'running');
-    SELECT count(*), count(*) FILTER (WHERE c.status = 'queued') INTO v_org_busy, v_org_waiting FROM commands c
-     WHERE c.org_id = v_org AND c.admitted_at IS NOT NULL AND c.status IN ('queued', 'running');
+    SELECT count(*) INTO v_org_busy FROM (SELECT 1 FROM commands c
+     WHERE c.org_id = v_org AND c.admitted_at IS NOT NULL AND c.status IN ('queued', 'running') LIMIT GREATEST(p_org_limit, 0)) busy;
+    SELECT count(*) INTO v_org_waiting FROM (SELECT 1 FROM commands c
+     WHERE c.org_id = v_org AND c.admitted_at IS NOT NULL AND c.status = 'queued' LIMIT GREATEST(p_org_queued, 0)) waiting;
     v_free := LEAST(v_max - v_agent_busy, p_org_limit - v_org_busy, p_org_queued - v_org_waiting);
     IF v_free <= 0 THEN
         RETURN;

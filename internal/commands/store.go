@@ -44,15 +44,17 @@ type Admitted struct {
 // running commands (done being a CTE of changed commands).
 // The statement's snapshot still shows done's commands as they were, so
 // they are judged by their new status in done, and the others from commands.
+// An agent whose status does not change is not written.
 const agentStatus = `ag AS (
-	UPDATE agents a SET status = CASE
-		WHEN a.status = 'disabled' THEN 'disabled'
-		WHEN EXISTS (SELECT 1 FROM done r WHERE r.agent_id = a.id AND r.status = 'running') THEN 'busy'
-		WHEN EXISTS (SELECT 1 FROM commands o WHERE o.agent_id = a.id AND o.status = 'running' AND o.id NOT IN (SELECT id FROM done)) THEN 'busy'
-		WHEN EXISTS (SELECT 1 FROM done f WHERE f.agent_id = a.id AND f.status = 'failed') THEN 'error'
-		ELSE 'idle' END,
-		updated_at = now()
-	WHERE a.id IN (SELECT agent_id FROM done))`
+	UPDATE agents a SET status = s.status, updated_at = now()
+	FROM (SELECT g.id, CASE
+			WHEN g.status = 'disabled' THEN 'disabled'
+			WHEN EXISTS (SELECT 1 FROM done r WHERE r.agent_id = g.id AND r.status = 'running') THEN 'busy'
+			WHEN EXISTS (SELECT 1 FROM commands o WHERE o.agent_id = g.id AND o.status = 'running' AND o.id NOT IN (SELECT id FROM done)) THEN 'busy'
+			WHEN EXISTS (SELECT 1 FROM done f WHERE f.agent_id = g.id AND f.status = 'failed') THEN 'error'
+			ELSE 'idle' END AS status
+		FROM agents g WHERE g.id IN (SELECT agent_id FROM done)) s
+	WHERE a.id = s.id AND a.status <> s.status)`
 
 // Insert stores a new queued command and its first event. With an
 // idempotency key already used by the same caller within 24 hours it stores
