@@ -108,6 +108,18 @@ func (s *Service) Register(ctx context.Context, email, password, name string) (*
 	if len(bad) > 0 {
 		return nil, platform.Invalid("registration is invalid", bad...)
 	}
+	// Each registration hashes a password (19 MiB, tens of ms): bound how
+	// many one address may make.
+	ip := platform.RequestInfoFrom(ctx).IP
+	limit := redisx.Limit{Key: "register:ip:" + ip, Max: 20 * s.MaxFailures, Window: s.Window}
+	if wait, err := s.Throttle.Blocked(ctx, limit); err != nil {
+		return nil, err
+	} else if wait > 0 {
+		return nil, &platform.Error{Code: platform.ETOOMANY, Message: "too many registrations from this address; wait before trying again", RetryAfter: wait}
+	}
+	if err := s.Throttle.Fail(ctx, limit); err != nil {
+		return nil, err
+	}
 	hash, err := s.Passwords.Hash(password)
 	if err != nil {
 		return nil, err

@@ -280,7 +280,7 @@ func (s *Server) auditRoutes(d Deps) {
 		http.StatusOK, true, http.StatusForbidden),
 		func(ctx context.Context, in *auditInput) (*auditOutput, error) {
 			p := caller(ctx)
-			if !p.IsOrgAdmin() && !p.Superadmin {
+			if !p.IsOrgAdmin() && !p.Superadmin || !keyAllows(p, "Audit", "read") {
 				d.Audit.Record(ctx, platform.AuditEvent{Action: "audit.read", Outcome: "denied", Reason: "organization admins only"})
 				return nil, platform.Errorf(platform.EFORBIDDEN, "organization admins only")
 			}

@@ -379,7 +379,7 @@ func (s *Server) orgRoutes(d Deps) {
 			if err != nil {
 				return nil, err
 			}
-			if role := orgRole(p, in.ID); role != platform.RoleOwner && role != platform.RoleAdmin && !p.Superadmin {
+			if role := orgRole(p, in.ID); role != platform.RoleOwner && role != platform.RoleAdmin && !p.Superadmin || !keyAllows(p, "Organization", "update") {
 				return nil, s.denied(ctx, d, "Organization.update", in.ID)
 			}
 			var ifVersion int64
@@ -411,7 +411,7 @@ func (s *Server) orgRoutes(d Deps) {
 			if err != nil {
 				return nil, err
 			}
-			if orgRole(p, in.ID) != platform.RoleOwner && !p.Superadmin {
+			if orgRole(p, in.ID) != platform.RoleOwner && !p.Superadmin || !keyAllows(p, "Organization", "delete") {
 				return nil, s.denied(ctx, d, "Organization.delete", in.ID)
 			}
 			if err := d.Identity.DeleteOrganization(ctx, in.ID); err != nil {
@@ -421,6 +421,21 @@ func (s *Server) orgRoutes(d Deps) {
 			d.Audit.Record(ctx, platform.AuditEvent{Action: "organization.delete", ResourceType: "Organization", ResourceID: &in.ID, Outcome: "ok"})
 			return nil, nil
 		})
+}
+
+// keyAllows reports whether the API key a request came with (if any)
+// covers action on typ: a key's scope caps every route, not only the
+// resources the access guard decides.
+func keyAllows(p *platform.Principal, typ, action string) bool {
+	if p.KeyID == "" {
+		return true
+	}
+	for _, perm := range p.KeyScope {
+		if perm.Grants(typ, action) {
+			return true
+		}
+	}
+	return false
 }
 
 func (s *Server) denied(ctx context.Context, d Deps, action, id string) error {

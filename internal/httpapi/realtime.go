@@ -223,7 +223,7 @@ func (s *Server) notificationRoutes(d Deps) {
 		http.StatusCreated, true, http.StatusForbidden),
 		func(ctx context.Context, in *notifyInput) (*notificationOutput, error) {
 			p := caller(ctx)
-			if !p.IsOrgAdmin() && !p.Superadmin {
+			if !p.IsOrgAdmin() && !p.Superadmin || !keyAllows(p, "Notification", "create") {
 				d.Audit.Record(ctx, platform.AuditEvent{Action: "notification.create", Outcome: "denied", Reason: "organization admins only"})
 				return nil, platform.Errorf(platform.EFORBIDDEN, "organization admins only")
 			}
