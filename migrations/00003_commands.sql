@@ -84,15 +84,19 @@ CREATE INDEX IF NOT EXISTS schedules_due_idx ON schedules (next_run_at) WHERE en
 -- agent's max_concurrency, the organization's in-flight limit and its limit
 -- of commands waiting in the queue allow, oldest (highest priority) first.
 -- Takes the agent id and the two organization limits; returns the admitted
--- commands' ids and attempts. Serialised per agent (row lock) and per
+-- commands' ids, attempts and timeouts. Serialised per agent (row lock) and per
 -- organization (advisory lock), so limits hold across concurrent callers.
 -- The agent's row is locked FOR NO KEY UPDATE, not FOR UPDATE: the foreign
 -- key checks of commands being inserted for the agent (FOR KEY SHARE) go
 -- on, where FOR UPDATE made them and the admission deadlock. A waiting
 -- command locked by another transaction (a cancellation) is skipped.
+-- It returns what the caller enqueues, timeout included: a query joining
+-- its result to commands would miss the commands inserted after that
+-- query's snapshot, which the function's own statements see and admit.
+DROP FUNCTION IF EXISTS admit_commands(uuid, integer, integer);
 -- +goose StatementBegin
 CREATE OR REPLACE FUNCTION admit_commands(p_agent uuid, p_org_limit integer, p_org_queued integer)
-RETURNS TABLE (id uuid, attempt integer) LANGUAGE plpgsql AS $$
+RETURNS TABLE (id uuid, attempt integer, timeout_s integer) LANGUAGE plpgsql AS $$
 DECLARE
     v_org uuid;
     v_max integer;
@@ -136,7 +140,7 @@ BEGIN
                      ORDER BY w.priority DESC, w.created_at, w.id
                      LIMIT v_free
                      FOR NO KEY UPDATE SKIP LOCKED)
-    RETURNING c.id, c.attempt;
+    RETURNING c.id, c.attempt, c.timeout_s;
 END;
 $$;
 -- +goose StatementEnd

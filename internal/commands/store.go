@@ -106,9 +106,9 @@ func (s *Store) AdmitAgent(ctx context.Context, agentID string) ([]Admitted, err
 	var out []Admitted
 	// Admits the agent's waiting commands within its and its
 	// organization's limits; returns them with their timeouts.
-	err := s.DB.SelectContext(ctx, &out, `SELECT a.id, a.attempt, c.timeout_s
-		FROM admit_commands($1, COALESCE((SELECT o.org_max_in_flight FROM organizations o JOIN agents g ON g.org_id = o.id WHERE g.id = $1), $2), $3) a
-		JOIN commands c ON c.id = a.id`, agentID, s.Limits.OrgMaxInFlight, s.Limits.OrgMaxQueued)
+	err := s.DB.SelectContext(ctx, &out, `SELECT id, attempt, timeout_s
+		FROM admit_commands($1, COALESCE((SELECT o.org_max_in_flight FROM organizations o JOIN agents g ON g.org_id = o.id WHERE g.id = $1), $2), $3)`,
+		agentID, s.Limits.OrgMaxInFlight, s.Limits.OrgMaxQueued)
 	return out, err
 }
 

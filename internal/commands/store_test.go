@@ -568,3 +568,49 @@ func TestCancel(t *testing.T) {
 		t.Fatalf("another worker's heartbeat: want nothing, got %v", cancel)
 	}
 }
+
+// Every command an admission admits is returned to be enqueued, even one
+// inserted while the admission ran: a command admitted but not returned
+// would wait for the reconciler (or forever, with no scheduler running).
+func TestAdmitReturnsEveryAdmitted(t *testing.T) {
+	t.Parallel()
+	f := newFixture(t, Limits{100000, 100000})
+	agent := f.newAgent(f.org, map[string]any{"max_concurrency": 100})
+	var mu sync.Mutex
+	returned := map[string]int{}
+	var wg sync.WaitGroup
+	for range 8 {
+		wg.Go(func() {
+			for range 40 {
+				f.insert(f.org, agent, nil)
+				got, err := f.store.AdmitAgent(context.Background(), agent)
+				if err != nil {
+					t.Error(err)
+					return
+				}
+				mu.Lock()
+				for _, a := range got {
+					returned[a.ID]++
+					if a.TimeoutS != 60 {
+						t.Errorf("admitted %s: want its timeout 60, got %d", a.ID, a.TimeoutS)
+					}
+				}
+				mu.Unlock()
+			}
+		})
+	}
+	wg.Wait()
+	var admitted []string
+	if err := f.db.Select(&admitted, `SELECT id FROM commands WHERE admitted_at IS NOT NULL`); err != nil {
+		t.Fatal(err)
+	}
+	lost := 0
+	for _, id := range admitted {
+		if returned[id] != 1 {
+			lost++
+		}
+	}
+	if lost > 0 || len(admitted) != len(returned) {
+		t.Fatalf("%d of %d admitted commands were not returned exactly once (%d returned)", lost, len(admitted), len(returned))
+	}
+}
