@@ -698,3 +698,135 @@ func TestCommandWebScrapeRefused(t *testing.T) {
 		t.Fatalf("a refusal is not worth retrying: want 1 attempt, got attempt %d, failures %d", done.Attempt, done.Failures)
 	}
 }
+
+// SIGTERM drains a worker: a command that ends within the shutdown timeout
+// finishes there, one that would not is handed back untried and finished by
+// another worker. Leases are short, and the reconciler runs, so a draining
+// worker that stopped renewing its leases would lose its commands.
+func TestDrainOnSIGTERM(t *testing.T) {
+	t.Parallel()
+	if testing.Short() {
+		t.Skip("drains for the 10s shutdown timeout")
+	}
+	s := NewStack(t, map[string]string{
+		"AGENTRY_SHUTDOWN_TIMEOUT":   "10s",
+		"AGENTRY_WORKER_HEARTBEAT":   "500ms",
+		"AGENTRY_RECONCILE_INTERVAL": "500ms",
+	})
+	api := s.API()
+	s.Start("scheduler")
+	first := s.Start("worker")
+	u := s.Client(api).NewUser("drain")
+	short := cmdDispatch(t, u.Client, cmdAgent(t, u.Client, nil), sleep(2000))
+	// Longer than the shutdown timeout (twice it).
+	long := cmdDispatch(t, u.Client, cmdAgent(t, u.Client, nil), sleep(20000, "max_retries", 0))
+	cmdWaitStatus(t, u.Client, short.ID, "running", 10*time.Second)
+	cmdWaitStatus(t, u.Client, long.ID, "running", 10*time.Second)
+
+	stopped := time.Now()
+	if err := first.Stop(); err != nil {
+		t.Fatalf("the worker exited with %v\n%s", err, first.Logs())
+	}
+	took := time.Since(stopped)
+	if took < 9*time.Second || took > 15*time.Second {
+		t.Errorf("the drain took %s; want about the 10s shutdown timeout", took)
+	}
+	if got := cmdGet(t, u.Client, short.ID); got.Status != "succeeded" || got.Attempt != 1 || got.Failures != 0 {
+		t.Fatalf("the short command: want succeeded at attempt 1 during the drain, got %s at attempt %d, %d failures (%q)", got.Status, got.Attempt, got.Failures, got.errorText())
+	}
+	handed := cmdGet(t, u.Client, long.ID)
+	if handed.Status != "queued" || handed.Attempt != 1 || handed.Failures != 0 {
+		t.Fatalf("the long command: want handed back (queued, attempt 1, no failure), got %s at attempt %d, %d failures", handed.Status, handed.Attempt, handed.Failures)
+	}
+
+	s.Start("worker")
+	cmdWait(t, u.Client, long.ID, 10*time.Second, "running on the second worker", func(c *command) bool { return c.Attempt == 2 })
+	done := cmdWaitStatus(t, u.Client, long.ID, "succeeded", 30*time.Second)
+	if done.Attempt != 2 || done.Failures != 0 {
+		t.Fatalf("want succeeded at attempt 2 without a failure, got attempt %d, %d failures", done.Attempt, done.Failures)
+	}
+	types := eventTypes(cmdEvents(t, u.Client, long.ID))
+	if !slices.Contains(types, "requeued") || types[len(types)-1] != "succeeded" {
+		t.Fatalf("events: want requeued … succeeded, got %v", types)
+	}
+}
+
+// percentile returns the p-th percentile (0..1) of ds.
+func percentile(ds []time.Duration, p float64) time.Duration {
+	s := slices.Clone(ds)
+	slices.Sort(s)
+	i := int(float64(len(s)-1)*p + 0.5)
+	return s[i]
+}
+
+// One organization's backlog does not delay another's commands: while org
+// A has thousands waiting, org B's start within a second.
+func TestFairnessAcrossOrganizations(t *testing.T) {
+	t.Parallel()
+	if testing.Short() {
+		t.Skip("dispatches 5,000 commands")
+	}
+	s := NewStack(t, map[string]string{"AGENTRY_WORKER_CONCURRENCY": "20", "AGENTRY_DB_MAX_OPEN_CONNS": "20"})
+	api := s.API()
+	s.Start("worker")
+	c := s.Client(api)
+	a, b := c.NewUser("orga"), c.NewUser("orgb")
+	var agentsA []string
+	for range 5 {
+		agentsA = append(agentsA, cmdAgent(t, a.Client, map[string]any{"max_concurrency": 20}))
+	}
+	agentB := cmdAgent(t, b.Client, map[string]any{"max_concurrency": 20})
+
+	const backlog = 5000
+	jobs := make(chan int)
+	var wg sync.WaitGroup
+	for range 16 {
+		wg.Go(func() {
+			for i := range jobs {
+				r := a.Do("POST", "/v1/agents/"+agentsA[i%len(agentsA)]+"/commands", sleep(20))
+				if r.Status != 202 {
+					t.Errorf("org A dispatch: %d %s", r.Status, r.Body)
+					return
+				}
+			}
+		})
+	}
+	start := time.Now()
+	for i := range backlog {
+		jobs <- i
+	}
+	close(jobs)
+	wg.Wait()
+	t.Logf("org A: %d commands dispatched in %s", backlog, time.Since(start))
+
+	db := stackDB(t, s)
+	waitingA := func() int {
+		var n int
+		if err := db.Get(&n, `SELECT count(*) FROM commands c JOIN agents g ON g.id = c.agent_id WHERE g.org_id = $1 AND c.status = 'queued'`, a.Org); err != nil {
+			t.Fatal(err)
+		}
+		return n
+	}
+	if n := waitingA(); n < 1000 {
+		t.Fatalf("org A's backlog: want thousands waiting, got %d (the test needs a backlog)", n)
+	}
+	var ids []string
+	for range 20 {
+		ids = append(ids, cmdDispatch(t, b.Client, agentB, sleep(20)).ID)
+		time.Sleep(50 * time.Millisecond)
+	}
+	var waits []time.Duration
+	for _, id := range ids {
+		got := cmdWaitStatus(t, b.Client, id, "succeeded", 30*time.Second)
+		waits = append(waits, got.StartedAt.Sub(got.CreatedAt))
+	}
+	left := waitingA()
+	p50, p99 := percentile(waits, 0.5), percentile(waits, 0.99)
+	t.Logf("org B: dispatch to start p50 %s, p99 %s, max %s; org A still had %d queued", p50, p99, slices.Max(waits), left)
+	if left == 0 {
+		t.Errorf("org A's backlog drained before org B's commands ran: the test measured nothing")
+	}
+	if p99 >= time.Second {
+		t.Fatalf("org B waited behind org A: p99 %s (waits %v)", p99, waits)
+	}
+}

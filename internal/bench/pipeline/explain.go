@@ -1,0 +1,109 @@
+package main
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"time"
+)
+
+// snapshot is what the explanation compares before and after a run.
+type snapshot struct {
+	cpu      map[string]time.Duration // by process: api, worker, postgres (all backends), redis
+	xacts    int64                    // committed PostgreSQL transactions of the database
+	tuples   map[string][2]int64      // per table of the schema: inserted, updated
+	redis    int64                    // Redis commands served
+	commands int64
+}
+
+func (e *env) snapshot(ctx context.Context) snapshot {
+	s := snapshot{cpu: map[string]time.Duration{}, tuples: map[string][2]int64{}}
+	s.cpu["api"] = cpuOf(e.api.cmd.Process.Pid)
+	s.cpu["worker"] = cpuOf(e.worker.cmd.Process.Pid)
+	s.cpu["postgres"] = cpuOfComm("postgres")
+	s.cpu["redis"] = cpuOfComm("redis-server")
+	_ = e.db.GetContext(ctx, &s.xacts, `SELECT xact_commit FROM pg_stat_database WHERE datname = current_database()`)
+	var rows []struct {
+		Table string `db:"relname"`
+		Ins   int64  `db:"n_tup_ins"`
+		Upd   int64  `db:"n_tup_upd"`
+	}
+	// Statistics are sent to the collector at the end of transactions, a
+	// little late: give them a moment.
+	time.Sleep(600 * time.Millisecond)
+	_ = e.db.SelectContext(ctx, &rows, `SELECT relname, n_tup_ins, n_tup_upd FROM pg_stat_user_tables WHERE schemaname = current_schema()`)
+	for _, r := range rows {
+		s.tuples[r.Table] = [2]int64{r.Ins, r.Upd}
+	}
+	info, _ := e.rdb.Info(ctx, "stats").Result()
+	for _, l := range strings.Split(info, "\n") {
+		if v, ok := strings.CutPrefix(strings.TrimSpace(l), "total_commands_processed:"); ok {
+			s.redis, _ = strconv.ParseInt(v, 10, 64)
+		}
+	}
+	_ = e.db.GetContext(ctx, &s.commands, `SELECT count(*) FROM commands`)
+	return s
+}
+
+// explain prints where the pipeline's time went in the throughput run.
+func explain(e *env, o options, before, after snapshot, ours, bare latency) {
+	n := float64(after.commands - before.commands)
+	if n <= 0 {
+		return
+	}
+	fmt.Printf("\nwhere the time goes (throughput run, %d commands, shared machine counters):\n", int(n))
+	for _, name := range []string{"api", "worker", "postgres", "redis"} {
+		d := after.cpu[name] - before.cpu[name]
+		fmt.Printf("  cpu %-9s %7.1f ms per 1000 commands\n", name, float64(d.Milliseconds())/n*1000)
+	}
+	fmt.Printf("  postgres transactions per command: %.1f (whole database, includes other clients)\n", float64(after.xacts-before.xacts)/n)
+	for table, a := range after.tuples {
+		b := before.tuples[table]
+		ins, upd := float64(a[0]-b[0])/n, float64(a[1]-b[1])/n
+		if ins+upd >= 0.05 {
+			fmt.Printf("  rows of %-15s inserted %.2f, updated %.2f per command\n", table, ins, upd)
+		}
+	}
+	fmt.Printf("  redis commands per command: %.1f (whole server)\n", float64(after.redis-before.redis)/n)
+	fmt.Printf("  latency at %d/s (achieved %.0f/s): p50 %s p99 %s; bare asynq p50 %s p99 %s\n",
+		o.rate, ours.achieved, ours.p50.Round(10*time.Microsecond), ours.p99.Round(10*time.Microsecond),
+		bare.p50.Round(10*time.Microsecond), bare.p99.Round(10*time.Microsecond))
+}
+
+// clockTick is USER_HZ, 100 on Linux.
+const clockTick = 100
+
+// cpuOf is the user and system CPU time of a process so far.
+func cpuOf(pid int) time.Duration {
+	data, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	if err != nil {
+		return 0
+	}
+	// The command name may hold spaces; fields count from after its ')'.
+	s := string(data)
+	fields := strings.Fields(s[strings.LastIndexByte(s, ')')+1:])
+	if len(fields) < 13 {
+		return 0
+	}
+	utime, _ := strconv.ParseInt(fields[11], 10, 64)
+	stime, _ := strconv.ParseInt(fields[12], 10, 64)
+	return time.Duration(utime+stime) * time.Second / clockTick
+}
+
+// cpuOfComm sums cpuOf over every process named comm.
+func cpuOfComm(comm string) time.Duration {
+	dirs, _ := filepath.Glob("/proc/[0-9]*")
+	var total time.Duration
+	for _, d := range dirs {
+		name, err := os.ReadFile(d + "/comm")
+		if err != nil || strings.TrimSpace(string(name)) != comm {
+			continue
+		}
+		pid, _ := strconv.Atoi(filepath.Base(d))
+		total += cpuOf(pid)
+	}
+	return total
+}

@@ -1,0 +1,805 @@
+// Command pipeline benchmarks agentry's command pipeline against bare Asynq
+// on the same Redis, in one run, on loopback:
+//
+//	go run ./internal/bench/pipeline [-bin DIR] [-rate 500] [-duration 10s]
+//
+// It builds (or takes from -bin) the real api and worker binaries, starts
+// them on a fresh PostgreSQL schema and Redis prefix, and measures
+//
+//   - throughput: no-op commands (agent:echo) dispatched through the HTTP
+//     API — authenticated, ACL-checked, persisted, admitted, run by the
+//     worker — per second, against no-op Asynq tasks enqueued from as many
+//     goroutines to a server of the same concurrency and poll interval;
+//   - latency: from the client's receipt of the 202 to the handler starting
+//     (the command's started_at) at a steady rate, against bare Asynq's
+//     enqueue-returned to handler-start at the same rate.
+//
+// It prints one line per comparison:
+//
+//	BENCH <name> <value> <unit> vs <baseline> <value> <unit> ratio <r>
+//
+// and, with -explain, where the pipeline's time goes: CPU seconds per
+// thousand commands of each process, and PostgreSQL transactions, row
+// writes and Redis calls per command.
+package main
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"encoding/json"
+	"flag"
+	"fmt"
+	"io"
+	"net/http"
+	"net/url"
+	"os"
+	"os/exec"
+	"os/signal"
+	"path/filepath"
+	"slices"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"time"
+
+	"github.com/hibiken/asynq"
+	"github.com/jmoiron/sqlx"
+	_ "github.com/lib/pq"
+	"github.com/redis/go-redis/v9"
+
+	"github.com/agentry/agentry/internal/postgres"
+)
+
+type options struct {
+	bin         string
+	db, redis   string
+	concurrency int
+	clients     int
+	agents      int
+	commands    int
+	tasks       int
+	rate        int
+	duration    time.Duration
+	explain     bool
+	verbose     bool
+}
+
+func main() {
+	o := options{}
+	flag.StringVar(&o.bin, "bin", "", "directory holding built api and worker binaries (default: build them)")
+	flag.StringVar(&o.db, "db", envOr("AGENTRY_TEST_DATABASE_URL", "postgres://postgres@127.0.0.1:5432/test?sslmode=disable"), "PostgreSQL database to make a schema in")
+	flag.StringVar(&o.redis, "redis", envOr("AGENTRY_TEST_REDIS_URL", "redis://127.0.0.1:6379/0"), "Redis URL")
+	flag.IntVar(&o.concurrency, "concurrency", envInt("AGENTRY_WORKER_CONCURRENCY", 20), "worker concurrency (AGENTRY_WORKER_CONCURRENCY), the same for bare Asynq")
+	flag.IntVar(&o.clients, "clients", 32, "concurrent dispatchers / enqueuers in the throughput runs")
+	flag.IntVar(&o.agents, "agents", 20, "agents the commands are spread over (max_concurrency 100 each)")
+	flag.IntVar(&o.commands, "commands", 5000, "commands in the pipeline throughput run")
+	flag.IntVar(&o.tasks, "tasks", 20000, "tasks in the bare Asynq throughput run")
+	flag.IntVar(&o.rate, "rate", 500, "commands (tasks) per second in the latency runs")
+	flag.DurationVar(&o.duration, "duration", durationEnv("BENCH_DURATION", 10*time.Second), "length of the latency runs")
+	flag.BoolVar(&o.explain, "explain", false, "also print where the pipeline's time goes")
+	flag.BoolVar(&o.verbose, "v", false, "print progress and the binaries' logs on failure")
+	flag.Parse()
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	defer stop()
+	if err := run(ctx, o); err != nil {
+		fmt.Fprintln(os.Stderr, "pipeline bench:", err)
+		os.Exit(1)
+	}
+}
+
+func run(ctx context.Context, o options) error {
+	env, cleanup, err := prepare(ctx, o)
+	defer cleanup()
+	if err != nil {
+		return err
+	}
+
+	// (i) and (ii): throughput.
+	bare, err := bareThroughput(ctx, env, o)
+	if err != nil {
+		return fmt.Errorf("bare asynq throughput: %w", err)
+	}
+	env.logf("bare asynq: %.0f tasks/s", bare)
+	before := env.snapshot(ctx)
+	ours, err := pipelineThroughput(ctx, env, o)
+	if err != nil {
+		return fmt.Errorf("pipeline throughput: %w", err)
+	}
+	after := env.snapshot(ctx)
+	env.logf("pipeline: %.0f cmd/s", ours)
+
+	// (iii): latency at a steady rate.
+	bareLat, err := bareLatency(ctx, env, o)
+	if err != nil {
+		return fmt.Errorf("bare asynq latency: %w", err)
+	}
+	ourLat, err := pipelineLatency(ctx, env, o)
+	if err != nil {
+		return fmt.Errorf("pipeline latency: %w", err)
+	}
+
+	line("pipeline_throughput", ours, "cmd/s", "bare_asynq", bare, "tasks/s")
+	line("dispatch_to_start_p50", ms(ourLat.p50), "ms", "bare_asynq_p50", ms(bareLat.p50), "ms")
+	line("dispatch_to_start_p99", ms(ourLat.p99), "ms", "bare_asynq_p99", ms(bareLat.p99), "ms")
+	if o.explain {
+		explain(env, o, before, after, ourLat, bareLat)
+	}
+	return nil
+}
+
+// line prints one comparison.
+func line(name string, v float64, unit, base string, bv float64, bunit string) {
+	r := 0.0
+	if bv > 0 {
+		r = v / bv
+	}
+	fmt.Printf("BENCH %s %s %s vs %s %s %s ratio %.2f\n", name, num(v), unit, base, num(bv), bunit, r)
+}
+
+func num(v float64) string {
+	if v >= 100 {
+		return strconv.FormatFloat(v, 'f', 0, 64)
+	}
+	return strconv.FormatFloat(v, 'f', 1, 64)
+}
+
+func ms(d time.Duration) float64 { return float64(d) / float64(time.Millisecond) }
+
+// env is the stack under test.
+type env struct {
+	o       options
+	db      *sqlx.DB // the bench schema
+	rdb     *redis.Client
+	prefix  string
+	api     *proc
+	worker  *proc
+	http    *http.Client
+	base    string
+	token   string
+	org     string
+	agents  []string
+	verbose bool
+}
+
+func (e *env) logf(format string, args ...any) {
+	if e.verbose {
+		fmt.Fprintf(os.Stderr, format+"\n", args...)
+	}
+}
+
+func prepare(ctx context.Context, o options) (*env, func(), error) {
+	var cleanups []func()
+	cleanup := func() {
+		for i := len(cleanups) - 1; i >= 0; i-- {
+			cleanups[i]()
+		}
+	}
+	e := &env{o: o, verbose: o.verbose, prefix: "bench" + randHex(6)}
+
+	bin := o.bin
+	if bin == "" {
+		dir, err := os.MkdirTemp("", "agentry-bench-")
+		if err != nil {
+			return nil, cleanup, err
+		}
+		cleanups = append(cleanups, func() { os.RemoveAll(dir) })
+		build := exec.CommandContext(ctx, "go", "build", "-o", dir+"/", "github.com/agentry/agentry/cmd/api", "github.com/agentry/agentry/cmd/worker")
+		build.Stdout, build.Stderr = os.Stderr, os.Stderr
+		if err := build.Run(); err != nil {
+			return nil, cleanup, fmt.Errorf("building the binaries: %w", err)
+		}
+		bin = dir
+	}
+
+	// A fresh schema, migrated.
+	admin, err := sqlx.Open("postgres", o.db)
+	if err != nil {
+		return nil, cleanup, err
+	}
+	cleanups = append(cleanups, func() { admin.Close() })
+	schema := "bench_" + randHex(6)
+	if _, err := admin.ExecContext(ctx, "CREATE SCHEMA "+schema); err != nil {
+		return nil, cleanup, fmt.Errorf("PostgreSQL at %s: %w", o.db, err)
+	}
+	cleanups = append(cleanups, func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+		defer cancel()
+		_, _ = admin.ExecContext(ctx, "DROP SCHEMA "+schema+" CASCADE")
+	})
+	u, err := url.Parse(o.db)
+	if err != nil {
+		return nil, cleanup, err
+	}
+	q := u.Query()
+	q.Set("search_path", schema)
+	u.RawQuery = q.Encode()
+	dsn := u.String()
+	e.db, err = postgres.Open(ctx, dsn, postgres.PoolOptions{MaxOpenConns: 4, MaxIdleConns: 4})
+	if err != nil {
+		return nil, cleanup, err
+	}
+	cleanups = append(cleanups, func() { e.db.Close() })
+	m, err := postgres.NewMigrator(e.db.DB, false)
+	if err != nil {
+		return nil, cleanup, err
+	}
+	if err := m.Up(ctx, io.Discard); err != nil {
+		return nil, cleanup, fmt.Errorf("migrate: %w", err)
+	}
+
+	ropts, err := redis.ParseURL(o.redis)
+	if err != nil {
+		return nil, cleanup, err
+	}
+	ropts.PoolSize = 4 * o.clients
+	e.rdb = redis.NewClient(ropts)
+	if err := e.rdb.Ping(ctx).Err(); err != nil {
+		return nil, cleanup, fmt.Errorf("Redis at %s: %w", o.redis, err)
+	}
+	cleanups = append(cleanups, func() {
+		ctx := context.Background()
+		for _, pattern := range []string{e.prefix + "*", "asynq:{" + e.prefix + "*"} {
+			iter := e.rdb.Scan(ctx, 0, pattern, 1000).Iterator()
+			var keys []string
+			for iter.Next(ctx) {
+				keys = append(keys, iter.Val())
+			}
+			for len(keys) > 0 {
+				n := min(len(keys), 500)
+				e.rdb.Del(ctx, keys[:n]...)
+				keys = keys[n:]
+			}
+		}
+		e.rdb.SRem(ctx, "asynq:queues", e.prefix+"-commands", e.prefix+"-bare")
+		e.rdb.Close()
+	})
+
+	confDir, err := os.MkdirTemp("", "agentry-bench-conf-")
+	if err != nil {
+		return nil, cleanup, err
+	}
+	cleanups = append(cleanups, func() { os.RemoveAll(confDir) })
+	settings := map[string]string{
+		"AGENTRY_ENV":                "test",
+		"AGENTRY_CONFIG_DIR":         confDir,
+		"AGENTRY_DATABASE_URL":       dsn,
+		"AGENTRY_REDIS_URL":          o.redis,
+		"AGENTRY_REDIS_PREFIX":       e.prefix,
+		"AGENTRY_HTTP_ADDR":          "127.0.0.1:0",
+		"AGENTRY_WORKER_ADDR":        "127.0.0.1:0",
+		"AGENTRY_LOG_LEVEL":          "warn",
+		"AGENTRY_WORKER_CONCURRENCY": strconv.Itoa(o.concurrency),
+		"AGENTRY_ORG_MAX_IN_FLIGHT":  "1000000",
+		"AGENTRY_ORG_MAX_QUEUED":     "1000000",
+	}
+	e.api, err = startProc(ctx, filepath.Join(bin, "api"), settings)
+	if err != nil {
+		return nil, cleanup, err
+	}
+	cleanups = append(cleanups, e.api.stop)
+	e.worker, err = startProc(ctx, filepath.Join(bin, "worker"), settings)
+	if err != nil {
+		return nil, cleanup, err
+	}
+	cleanups = append(cleanups, e.worker.stop)
+	cleanups = append(cleanups, func() {
+		if e.verbose {
+			fmt.Fprintf(os.Stderr, "--- api\n%s\n--- worker\n%s\n", tail(e.api.logs()), tail(e.worker.logs()))
+		}
+	})
+	e.base = e.api.url
+	e.http = &http.Client{Timeout: 30 * time.Second, Transport: &http.Transport{MaxIdleConns: 4 * o.clients, MaxIdleConnsPerHost: 4 * o.clients}}
+
+	// A user, its organization and agents.
+	email := "bench-" + randHex(4) + "@example.com"
+	if _, err := e.call(ctx, "POST", "/v1/auth/register", map[string]any{"email": email, "password": "bench-password-long", "name": "bench"}, 201); err != nil {
+		return nil, cleanup, err
+	}
+	tok, err := e.call(ctx, "POST", "/v1/auth/login", map[string]any{"email": email, "password": "bench-password-long"}, 200)
+	if err != nil {
+		return nil, cleanup, err
+	}
+	e.token, _ = tok["access_token"].(string)
+	me, err := e.call(ctx, "GET", "/v1/users/me", nil, 200)
+	if err != nil {
+		return nil, cleanup, err
+	}
+	e.org, _ = me["default_org_id"].(string)
+	for i := range o.agents {
+		a, err := e.call(ctx, "POST", "/v1/agents", map[string]any{"name": fmt.Sprintf("bench-%d", i), "params": map[string]any{"max_concurrency": 100}}, 201)
+		if err != nil {
+			return nil, cleanup, err
+		}
+		e.agents = append(e.agents, a["id"].(string))
+	}
+	return e, cleanup, nil
+}
+
+// call sends a JSON request as the bench user and wants status.
+func (e *env) call(ctx context.Context, method, path string, body any, want int) (map[string]any, error) {
+	var rd io.Reader
+	if body != nil {
+		data, _ := json.Marshal(body)
+		rd = bytes.NewReader(data)
+	}
+	req, err := http.NewRequestWithContext(ctx, method, e.base+path, rd)
+	if err != nil {
+		return nil, err
+	}
+	req.Header.Set("Content-Type", "application/json")
+	if e.token != "" {
+		req.Header.Set("Authorization", "Bearer "+e.token)
+		req.Header.Set("X-Org-ID", e.org)
+	}
+	res, err := e.http.Do(req)
+	if err != nil {
+		return nil, err
+	}
+	defer res.Body.Close()
+	data, _ := io.ReadAll(res.Body)
+	if res.StatusCode != want {
+		return nil, fmt.Errorf("%s %s: want %d, got %d: %s", method, path, want, res.StatusCode, data)
+	}
+	out := map[string]any{}
+	_ = json.Unmarshal(data, &out)
+	return out, nil
+}
+
+var dispatchBody = []byte(`{"task":"agent:echo","payload":{"message":""}}`)
+
+// dispatch sends one no-op command to agent and returns its id and when
+// the 202 arrived.
+func (e *env) dispatch(ctx context.Context, agent string) (string, time.Time, error) {
+	req, err := http.NewRequestWithContext(ctx, "POST", e.base+"/v1/agents/"+agent+"/commands", bytes.NewReader(dispatchBody))
+	if err != nil {
+		return "", time.Time{}, err
+	}
+	req.Header.Set("Content-Type", "application/json")
+	req.Header.Set("Authorization", "Bearer "+e.token)
+	req.Header.Set("X-Org-ID", e.org)
+	res, err := e.http.Do(req)
+	if err != nil {
+		return "", time.Time{}, err
+	}
+	got := time.Now()
+	defer res.Body.Close()
+	data, _ := io.ReadAll(res.Body)
+	if res.StatusCode != http.StatusAccepted {
+		return "", got, fmt.Errorf("dispatch: %d %s", res.StatusCode, data)
+	}
+	var c struct {
+		ID string `json:"id"`
+	}
+	if err := json.Unmarshal(data, &c); err != nil || c.ID == "" {
+		return "", got, fmt.Errorf("dispatch: not a command: %s", data)
+	}
+	return c.ID, got, nil
+}
+
+// waitDone waits until n commands created at or after since have ended,
+// and returns when the last one finished.
+func (e *env) waitDone(ctx context.Context, since time.Time, n int, within time.Duration) (time.Time, error) {
+	deadline := time.Now().Add(within)
+	for {
+		var row struct {
+			Done int        `db:"done"`
+			Last *time.Time `db:"last"`
+			Bad  int        `db:"bad"`
+		}
+		err := e.db.GetContext(ctx, &row, `SELECT count(*) FILTER (WHERE status IN ('succeeded', 'failed', 'canceled')) AS done,
+			max(finished_at) AS last, count(*) FILTER (WHERE status <> 'succeeded' AND finished_at IS NOT NULL) AS bad
+			FROM commands WHERE created_at >= $1`, since)
+		if err != nil {
+			return time.Time{}, err
+		}
+		if row.Bad > 0 {
+			return time.Time{}, fmt.Errorf("%d commands did not succeed", row.Bad)
+		}
+		if row.Done >= n {
+			return *row.Last, nil
+		}
+		if time.Now().After(deadline) {
+			return time.Time{}, fmt.Errorf("%d of %d commands done after %s", row.Done, n, within)
+		}
+		select {
+		case <-ctx.Done():
+			return time.Time{}, ctx.Err()
+		case <-time.After(10 * time.Millisecond):
+		}
+	}
+}
+
+func pipelineThroughput(ctx context.Context, e *env, o options) (float64, error) {
+	// A short warm-up: connections, caches, prepared statements.
+	if _, err := e.runDispatchers(ctx, 200, o.clients); err != nil {
+		return 0, err
+	}
+	since, err := e.dbNow(ctx)
+	if err != nil {
+		return 0, err
+	}
+	start := time.Now()
+	if _, err := e.runDispatchers(ctx, o.commands, o.clients); err != nil {
+		return 0, err
+	}
+	e.logf("pipeline: %d dispatched in %s", o.commands, time.Since(start))
+	last, err := e.waitDone(ctx, since, o.commands, 5*time.Minute)
+	if err != nil {
+		return 0, err
+	}
+	return float64(o.commands) / last.Sub(since).Seconds(), nil
+}
+
+// dbNow is the database's clock, which stamps the commands.
+func (e *env) dbNow(ctx context.Context) (time.Time, error) {
+	var t time.Time
+	err := e.db.GetContext(ctx, &t, "SELECT clock_timestamp()")
+	return t, err
+}
+
+// runDispatchers dispatches n commands from conc goroutines, round robin
+// over the agents, and waits for the first n-... to be accepted.
+func (e *env) runDispatchers(ctx context.Context, n, conc int) (int64, error) {
+	var next atomic.Int64
+	var failed atomic.Value
+	var wg sync.WaitGroup
+	for range conc {
+		wg.Go(func() {
+			for {
+				i := next.Add(1) - 1
+				if i >= int64(n) || failed.Load() != nil {
+					return
+				}
+				if _, _, err := e.dispatch(ctx, e.agents[int(i)%len(e.agents)]); err != nil {
+					failed.Store(err)
+					return
+				}
+			}
+		})
+	}
+	wg.Wait()
+	if err, _ := failed.Load().(error); err != nil {
+		return 0, err
+	}
+	// Wait for the warm-up (or any earlier run) to drain.
+	return int64(n), nil
+}
+
+type latency struct {
+	p50, p99 time.Duration
+	n        int
+	achieved float64 // requests per second actually sent
+}
+
+func summarize(ds []time.Duration, sent int, d time.Duration) latency {
+	slices.Sort(ds)
+	at := func(p float64) time.Duration {
+		if len(ds) == 0 {
+			return 0
+		}
+		return ds[min(len(ds)-1, int(float64(len(ds))*p))]
+	}
+	return latency{p50: at(0.50), p99: at(0.99), n: len(ds), achieved: float64(sent) / d.Seconds()}
+}
+
+// paced calls fn rate times a second for d, each call in its own goroutine.
+func paced(ctx context.Context, rate int, d time.Duration, fn func(i int)) (int, time.Duration) {
+	n := int(d.Seconds() * float64(rate))
+	interval := time.Second / time.Duration(rate)
+	var wg sync.WaitGroup
+	start := time.Now()
+	sem := make(chan struct{}, 2000)
+	for i := range n {
+		if wait := time.Until(start.Add(time.Duration(i) * interval)); wait > 0 {
+			time.Sleep(wait)
+		}
+		if ctx.Err() != nil {
+			break
+		}
+		sem <- struct{}{}
+		wg.Go(func() {
+			defer func() { <-sem }()
+			fn(i)
+		})
+	}
+	took := time.Since(start)
+	wg.Wait()
+	return n, took
+}
+
+func pipelineLatency(ctx context.Context, e *env, o options) (latency, error) {
+	since, err := e.dbNow(ctx)
+	if err != nil {
+		return latency{}, err
+	}
+	var mu sync.Mutex
+	accepted := map[string]time.Time{}
+	var failed atomic.Value
+	sent, took := paced(ctx, o.rate, o.duration, func(i int) {
+		id, at, err := e.dispatch(ctx, e.agents[i%len(e.agents)])
+		if err != nil {
+			failed.Store(err)
+			return
+		}
+		mu.Lock()
+		accepted[id] = at
+		mu.Unlock()
+	})
+	if err, _ := failed.Load().(error); err != nil {
+		return latency{}, err
+	}
+	if _, err := e.waitDone(ctx, since, len(accepted), 5*time.Minute); err != nil {
+		return latency{}, err
+	}
+	var rows []struct {
+		ID      string    `db:"id"`
+		Started time.Time `db:"started_at"`
+	}
+	if err := e.db.SelectContext(ctx, &rows, `SELECT id, started_at FROM commands WHERE created_at >= $1`, since); err != nil {
+		return latency{}, err
+	}
+	ds := make([]time.Duration, 0, len(rows))
+	for _, r := range rows {
+		if at, ok := accepted[r.ID]; ok {
+			ds = append(ds, max(0, r.Started.Sub(at)))
+		}
+	}
+	l := summarize(ds, sent, took)
+	e.logf("pipeline latency: %d at %.0f/s: p50 %s p99 %s", l.n, l.achieved, l.p50, l.p99)
+	return l, nil
+}
+
+// bare is a bare Asynq server on the bench's Redis, with the worker's
+// concurrency and poll interval, running a no-op handler.
+type bare struct {
+	srv    *asynq.Server
+	client *asynq.Client
+	queue  string
+	// started is told the id of every task as its handler starts.
+	started func(id string, at time.Time)
+}
+
+func startBare(e *env, o options, started func(string, time.Time)) (*bare, error) {
+	b := &bare{queue: e.prefix + "-bare", client: asynq.NewClientFromRedisClient(e.rdb), started: started}
+	b.srv = asynq.NewServerFromRedisClient(e.rdb, asynq.Config{
+		Concurrency:       o.concurrency,
+		Queues:            map[string]int{b.queue: 1},
+		TaskCheckInterval: 5 * time.Millisecond,
+		LogLevel:          asynq.ErrorLevel,
+	})
+	mux := asynq.NewServeMux()
+	mux.HandleFunc("bench:noop", func(ctx context.Context, t *asynq.Task) error {
+		b.started(string(t.Payload()), time.Now())
+		return nil
+	})
+	if err := b.srv.Start(mux); err != nil {
+		return nil, err
+	}
+	return b, nil
+}
+
+func (b *bare) enqueue(ctx context.Context, id string) error {
+	_, err := b.client.EnqueueContext(ctx, asynq.NewTask("bench:noop", []byte(id)), asynq.Queue(b.queue), asynq.MaxRetry(0), asynq.TaskID(id))
+	return err
+}
+
+func bareThroughput(ctx context.Context, e *env, o options) (float64, error) {
+	var done atomic.Int64
+	all := make(chan struct{})
+	var last atomic.Int64
+	b, err := startBare(e, o, func(string, time.Time) {
+		if done.Add(1) == int64(o.tasks) {
+			last.Store(time.Now().UnixNano())
+			close(all)
+		}
+	})
+	if err != nil {
+		return 0, err
+	}
+	defer b.srv.Shutdown()
+	run := randHex(4)
+	var next atomic.Int64
+	var failed atomic.Value
+	var wg sync.WaitGroup
+	start := time.Now()
+	for range o.clients {
+		wg.Go(func() {
+			for {
+				i := next.Add(1) - 1
+				if i >= int64(o.tasks) || failed.Load() != nil {
+					return
+				}
+				if err := b.enqueue(ctx, run+"-"+strconv.FormatInt(i, 10)); err != nil {
+					failed.Store(err)
+					return
+				}
+			}
+		})
+	}
+	wg.Wait()
+	if err, _ := failed.Load().(error); err != nil {
+		return 0, err
+	}
+	select {
+	case <-all:
+	case <-time.After(5 * time.Minute):
+		return 0, fmt.Errorf("%d of %d tasks done", done.Load(), o.tasks)
+	case <-ctx.Done():
+		return 0, ctx.Err()
+	}
+	return float64(o.tasks) / time.Unix(0, last.Load()).Sub(start).Seconds(), nil
+}
+
+func bareLatency(ctx context.Context, e *env, o options) (latency, error) {
+	var mu sync.Mutex
+	enqueued, started := map[string]time.Time{}, map[string]time.Time{}
+	b, err := startBare(e, o, func(id string, at time.Time) {
+		mu.Lock()
+		started[id] = at
+		mu.Unlock()
+	})
+	if err != nil {
+		return latency{}, err
+	}
+	defer b.srv.Shutdown()
+	run := randHex(4)
+	var failed atomic.Value
+	sent, took := paced(ctx, o.rate, o.duration, func(i int) {
+		id := run + "-" + strconv.Itoa(i)
+		if err := b.enqueue(ctx, id); err != nil {
+			failed.Store(err)
+			return
+		}
+		at := time.Now()
+		mu.Lock()
+		enqueued[id] = at
+		mu.Unlock()
+	})
+	if err, _ := failed.Load().(error); err != nil {
+		return latency{}, err
+	}
+	deadline := time.Now().Add(time.Minute)
+	for {
+		mu.Lock()
+		n := len(started)
+		mu.Unlock()
+		if n >= sent {
+			break
+		}
+		if time.Now().After(deadline) {
+			return latency{}, fmt.Errorf("%d of %d tasks started", n, sent)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	mu.Lock()
+	defer mu.Unlock()
+	ds := make([]time.Duration, 0, len(started))
+	for id, at := range started {
+		ds = append(ds, max(0, at.Sub(enqueued[id])))
+	}
+	l := summarize(ds, sent, took)
+	e.logf("bare latency: %d at %.0f/s: p50 %s p99 %s", l.n, l.achieved, l.p50, l.p99)
+	return l, nil
+}
+
+// proc is a running binary.
+type proc struct {
+	cmd  *exec.Cmd
+	url  string
+	mu   sync.Mutex
+	buf  bytes.Buffer
+	done chan struct{}
+}
+
+func (p *proc) Write(b []byte) (int, error) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return p.buf.Write(b)
+}
+
+func (p *proc) logs() string {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return p.buf.String()
+}
+
+func startProc(ctx context.Context, path string, settings map[string]string) (*proc, error) {
+	p := &proc{cmd: exec.Command(path), done: make(chan struct{})}
+	p.cmd.Env = os.Environ()
+	for k, v := range settings {
+		p.cmd.Env = append(p.cmd.Env, k+"="+v)
+	}
+	p.cmd.Stderr = p
+	stdout, err := p.cmd.StdoutPipe()
+	if err != nil {
+		return nil, err
+	}
+	if err := p.cmd.Start(); err != nil {
+		return nil, err
+	}
+	go func() { _ = p.cmd.Wait(); close(p.done) }()
+	urls := make(chan string, 1)
+	go func() {
+		sc := bufio.NewScanner(stdout)
+		for sc.Scan() {
+			if _, u, ok := strings.Cut(sc.Text(), " listening on "); ok {
+				select {
+				case urls <- u:
+				default:
+				}
+			}
+		}
+	}()
+	select {
+	case p.url = <-urls:
+	case <-p.done:
+		return nil, fmt.Errorf("%s exited:\n%s", path, p.logs())
+	case <-time.After(30 * time.Second):
+		p.stop()
+		return nil, fmt.Errorf("%s did not listen within 30s:\n%s", path, p.logs())
+	case <-ctx.Done():
+		p.stop()
+		return nil, ctx.Err()
+	}
+	for deadline := time.Now().Add(30 * time.Second); ; {
+		res, err := http.Get(p.url + "/readyz")
+		if err == nil {
+			res.Body.Close()
+			if res.StatusCode == 200 {
+				return p, nil
+			}
+		}
+		if time.Now().After(deadline) {
+			p.stop()
+			return nil, fmt.Errorf("%s not ready:\n%s", path, p.logs())
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+func (p *proc) stop() {
+	_ = p.cmd.Process.Signal(syscall.SIGTERM)
+	select {
+	case <-p.done:
+	case <-time.After(20 * time.Second):
+		_ = p.cmd.Process.Kill()
+		<-p.done
+	}
+}
+
+func tail(s string) string {
+	lines := strings.Split(strings.TrimSpace(s), "\n")
+	return strings.Join(lines[max(0, len(lines)-20):], "\n")
+}
+
+func randHex(n int) string {
+	b := make([]byte, n)
+	_, _ = rand.Read(b)
+	return hex.EncodeToString(b)
+}
+
+func envOr(name, def string) string {
+	if v := os.Getenv(name); v != "" {
+		return v
+	}
+	return def
+}
+
+func envInt(name string, def int) int {
+	if n, err := strconv.Atoi(os.Getenv(name)); err == nil && n > 0 {
+		return n
+	}
+	return def
+}
+
+func durationEnv(name string, def time.Duration) time.Duration {
+	if d, err := time.ParseDuration(os.Getenv(name)); err == nil && d > 0 {
+		return d
+	}
+	return def
+}
