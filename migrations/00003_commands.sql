@@ -84,12 +84,13 @@ CREATE INDEX IF NOT EXISTS schedules_due_idx ON schedules (next_run_at) WHERE en
 -- agent's max_concurrency, the organization's in-flight limit and its limit
 -- of commands waiting in the queue allow, oldest (highest priority) first.
 -- Takes the agent id and the two organization limits; returns the admitted
--- commands' ids, attempts and timeouts. Serialised per agent (row lock) and per
--- organization (advisory lock), so limits hold across concurrent callers.
--- The agent's row is locked FOR NO KEY UPDATE, not FOR UPDATE: the foreign
--- key checks of commands being inserted for the agent (FOR KEY SHARE) go
--- on, where FOR UPDATE made them and the admission deadlock. A waiting
--- command locked by another transaction (a cancellation) is skipped.
+-- commands' ids, attempts and timeouts. Serialised per organization (an
+-- advisory lock), which covers its agents too, so limits hold across
+-- concurrent callers. The agent's row is not locked: a row lock made the
+-- admission wait on every status change of the agent, and, FOR UPDATE,
+-- deadlock with the foreign key checks of commands being inserted. A
+-- waiting command locked by another transaction (a cancellation) is
+-- skipped.
 -- It returns what the caller enqueues, timeout included: a query joining
 -- its result to commands would miss the commands inserted after that
 -- query's snapshot, which the function's own statements see and admit.
@@ -113,10 +114,11 @@ BEGIN
     END IF;
     SELECT a.org_id, GREATEST(COALESCE((a.config->>'max_concurrency')::integer, 1), 1), a.status
       INTO v_org, v_max, v_status
-      FROM agents a WHERE a.id = p_agent FOR NO KEY UPDATE;
+      FROM agents a WHERE a.id = p_agent;
     IF NOT FOUND OR v_status = 'disabled' THEN
         RETURN;
     END IF;
+    PERFORM pg_advisory_xact_lock(hashtextextended('agentry:admit:' || v_org::text, 0));
     -- Counts stop at the limits: their cost is bounded by the limits, not
     -- by the size of the organization's work.
     SELECT count(*) INTO v_agent_busy FROM (SELECT 1 FROM commands c
@@ -124,7 +126,6 @@ BEGIN
     IF v_agent_busy >= v_max THEN
         RETURN;
     END IF;
-    PERFORM pg_advisory_xact_lock(hashtextextended('agentry:admit:' || v_org::text, 0));
     SELECT count(*) INTO v_org_busy FROM (SELECT 1 FROM commands c
      WHERE c.org_id = v_org AND c.admitted_at IS NOT NULL AND c.status IN ('queued', 'running') LIMIT GREATEST(p_org_limit, 0)) busy;
     SELECT count(*) INTO v_org_waiting FROM (SELECT 1 FROM commands c

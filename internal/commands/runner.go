@@ -172,11 +172,13 @@ func (r *Runner) ProcessTask(ctx context.Context, t *asynq.Task) error {
 	}
 	r.Dispatcher.agentChanged(ctx, c.AgentID)
 	publishCommand(ctx, r.Dispatcher.Events, r.Logger, "command.running", &c.Command)
-	r.wg.Add(1)
-	go func() {
-		defer r.wg.Done()
-		r.Dispatcher.Admit(context.WithoutCancel(ctx), c.AgentID) // a queue slot of the organization freed
-	}()
+	if c.OrgWaiting {
+		r.wg.Add(1)
+		go func() {
+			defer r.wg.Done()
+			r.Dispatcher.Admit(context.WithoutCancel(ctx), c.AgentID) // a queue slot of the organization freed
+		}()
+	}
 
 	started := time.Now()
 	outcome := r.execute(ctx, c)
@@ -215,8 +217,16 @@ func (r *Runner) execute(ctx context.Context, c *Claimed) Outcome {
 	rep := r.newReporter(ctx, &c.Command)
 	run.Progress = rep
 	result, err := safeExecute(runCtx, def, run, c.Payload)
-	rep.close()
+	o := r.outcome(ctx, runCtx, c, def, result, err)
+	if percent, message, pending := rep.close(); pending {
+		o.Progress, o.Message = &percent, &message // written with the outcome
+	}
+	return o
+}
 
+// outcome says how an attempt ended from what the handler returned and why
+// its context ended.
+func (r *Runner) outcome(ctx, runCtx context.Context, c *Claimed, def *tasks.Definition, result any, err error) Outcome {
 	cause := context.Cause(runCtx)
 	switch {
 	case err == nil:
@@ -281,7 +291,7 @@ func cleanError(err error) string {
 // publishes it, re-enqueues a retry and admits the agent's next command.
 func (r *Runner) finish(ctx context.Context, c *Claimed, o Outcome, ran time.Duration) {
 	wctx := context.WithoutCancel(ctx)
-	var done *platform.Command
+	var done *Finished
 	err := retryDB(wctx, 30*time.Second, func() error {
 		var err error
 		done, err = r.store().Finish(wctx, c.ID, c.Attempt, o)
@@ -308,7 +318,7 @@ func (r *Runner) finish(ctx context.Context, c *Claimed, o Outcome, ran time.Dur
 		}
 	}
 	r.Dispatcher.agentChanged(wctx, done.AgentID)
-	publishCommand(wctx, r.Dispatcher.Events, r.Logger, "command."+o.Event, done)
+	publishCommand(wctx, r.Dispatcher.Events, r.Logger, "command."+o.Event, &done.Command)
 	if done.Status == platform.CommandQueued {
 		var delay time.Duration
 		if o.NotBefore != nil {
@@ -320,9 +330,9 @@ func (r *Runner) finish(ctx context.Context, c *Claimed, o Outcome, ran time.Dur
 		return
 	}
 	if r.OnFinish != nil {
-		r.OnFinish(wctx, done)
+		r.OnFinish(wctx, &done.Command)
 	}
-	if r.Dispatcher.Admit(wctx, done.AgentID) == 0 {
+	if done.OrgWaiting && r.Dispatcher.Admit(wctx, done.AgentID) == 0 {
 		r.Dispatcher.AdmitOrg(wctx, done.OrgID)
 	}
 }
@@ -426,23 +436,33 @@ func (rep *reporter) loop() {
 	for {
 		select {
 		case <-rep.stop:
-			rep.flush()
+			rep.flush(true)
 			return
 		case <-t.C:
-			rep.flush()
+			rep.flush(false)
 		}
 	}
 }
 
-func (rep *reporter) close() {
+// close stops the reporter. Log lines still pending are written, with the
+// progress; a progress report alone is returned (pending true) for the
+// outcome to record, instead of a write of its own.
+func (rep *reporter) close() (percent int, message string, pending bool) {
 	close(rep.stop)
 	<-rep.done
+	rep.mu.Lock()
+	defer rep.mu.Unlock()
+	return rep.percent, rep.message, rep.dirty
 }
 
-func (rep *reporter) flush() {
+func (rep *reporter) flush(final bool) {
 	rep.mu.Lock()
 	percent, message, dirty := rep.percent, rep.message, rep.dirty
 	lines, dropped := rep.lines, rep.dropped
+	if final && len(lines) == 0 && dropped == 0 {
+		rep.mu.Unlock()
+		return // close hands the progress to the outcome
+	}
 	rep.dirty, rep.lines, rep.dropped = false, nil, 0
 	rep.mu.Unlock()
 	if dropped > 0 {

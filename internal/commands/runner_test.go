@@ -271,8 +271,59 @@ func TestRunnerProgress(t *testing.T) {
 		}
 		last = e.Progress
 	}
-	if progress < 2 || last != 100 {
-		t.Fatalf("want several progress events up to 100, got %d ending at %d", progress, last)
+	if progress < 2 {
+		t.Fatalf("want several progress events, got %d", progress)
+	}
+	// The last report is written with the outcome, not on its own.
+	final := evs[len(evs)-1]
+	if final.Type != "succeeded" || final.Progress != 100 {
+		t.Fatalf("want the last event succeeded at 100%%, got %s at %d", final.Type, final.Progress)
+	}
+	if got := f.get(c.ID); got.Message != "step 5 of 5" || got.Progress != 100 {
+		t.Fatalf("want the last report kept (step 5 of 5, 100%%), got %q at %d", got.Message, got.Progress)
+	}
+}
+
+func init() {
+	tasks.Register(tasks.Task[struct{}]{
+		Type: "test:log", MaxRetries: 0,
+		Handle: func(_ context.Context, run *tasks.Run, _ struct{}) (any, error) {
+			run.Progress.Report(40, "logging")
+			run.Progress.Log("one")
+			run.Progress.Log("two")
+			return nil, errors.New("gave up")
+		},
+	})
+}
+
+// Log lines still pending when the handler returns are written before the
+// outcome, and a failure keeps the last progress reported.
+func TestRunnerLogLinesAtTheEnd(t *testing.T) {
+	t.Parallel()
+	f := newFixture(t, Limits{100, 100})
+	r, _ := f.newRunner(context.Background(), time.Second)
+	r.ProgressEvery = time.Hour
+	agent := f.newAgent(f.org, nil)
+	c := f.dispatchRaw(agent, "test:log", `{}`, func(c *platform.Command) { c.MaxRetries = 0 })
+	if err := r.ProcessTask(context.Background(), task(c.ID, 1)); err != nil {
+		t.Fatal(err)
+	}
+	evs, err := f.store.Events(context.Background(), c.ID, 0, 100)
+	if err != nil {
+		t.Fatal(err)
+	}
+	types := make([]string, len(evs))
+	for i, e := range evs {
+		types[i] = e.Type
+	}
+	if want := []string{"queued", "running", "log", "failed"}; !slices.Equal(types, want) {
+		t.Fatalf("events: want %v, got %v", want, types)
+	}
+	if data := evs[2].Data; data == nil || !strings.Contains(string(*data), "two") {
+		t.Fatalf("the log event: want its lines, got %v", data)
+	}
+	if got := f.get(c.ID); got.Progress != 40 || got.Message != "logging" {
+		t.Fatalf("want the last progress kept on failure (40, logging), got %d %q", got.Progress, got.Message)
 	}
 }
 

@@ -132,7 +132,8 @@ func (s *Store) Claim(ctx context.Context, id string, attempt int, worker string
 	out := &Claimed{}
 	// Fences the attempt: only a queued command at attempt-1 becomes running;
 	// records the event and makes the agent busy. Returns the command with
-	// the agent's config and environment id.
+	// the agent's config and environment id, and whether its organization
+	// has a backlog.
 	err := s.DB.GetContext(ctx, out, `WITH done AS (
 			UPDATE commands SET status = 'running', attempt = $2, worker_id = $3, lease_until = now() + $4 * interval '1 millisecond',
 				started_at = COALESCE(started_at, now()), not_before = NULL, updated_at = now(), version = version + 1
@@ -140,7 +141,9 @@ func (s *Store) Claim(ctx context.Context, id string, attempt int, worker string
 			RETURNING *),
 		ev AS (INSERT INTO command_events (command_id, type, status, attempt) SELECT id, 'running', status, attempt FROM done),
 		ag AS (UPDATE agents a SET status = 'busy', updated_at = now() FROM done d WHERE a.id = d.agent_id AND a.status NOT IN ('busy', 'disabled'))
-		SELECT done.*, g.config AS agent_config, g.environment_id AS agent_environment_id FROM done JOIN agents g ON g.id = done.agent_id`,
+		SELECT done.*, g.config AS agent_config, g.environment_id AS agent_environment_id,
+			EXISTS (SELECT 1 FROM commands w WHERE w.org_id = done.org_id AND w.status = 'queued' AND w.admitted_at IS NULL) AS org_waiting
+		FROM done JOIN agents g ON g.id = done.agent_id`,
 		id, attempt, worker, lease.Milliseconds())
 	if errors.Is(err, sql.ErrNoRows) {
 		return nil, nil
@@ -153,6 +156,8 @@ type Claimed struct {
 	platform.Command
 	AgentConfig        platform.JSONObject `db:"agent_config"`
 	AgentEnvironmentID *string             `db:"agent_environment_id"`
+	// OrgWaiting tells that the organization has commands not yet admitted.
+	OrgWaiting bool `db:"org_waiting"`
 }
 
 // Outcome is how an attempt ended.
@@ -161,17 +166,28 @@ type Outcome struct {
 	Event  string // the event type: succeeded, failed, canceled, retrying, requeued
 	Result json.RawMessage
 	Error  *string
+	// Progress and Message, if set, are the handler's last report, not yet
+	// written (a success is 100% whatever it said).
+	Progress *int
+	Message  *string
 	// Failed counts the attempt as a failure.
 	Failed bool
 	// NotBefore delays a retry.
 	NotBefore *time.Time
 }
 
+// Finished is a command whose attempt ended.
+type Finished struct {
+	platform.Command
+	// OrgWaiting tells that the organization has commands not yet admitted.
+	OrgWaiting bool `db:"org_waiting"`
+}
+
 // Finish records the outcome of the attempt a worker holds. It returns nil
 // when the worker no longer holds it (the fence: a stale worker's late
 // write is refused). A command whose cancellation was asked is never
 // retried nor handed back: such an outcome ends it canceled.
-func (s *Store) Finish(ctx context.Context, id string, attempt int, o Outcome) (*platform.Command, error) {
+func (s *Store) Finish(ctx context.Context, id string, attempt int, o Outcome) (*Finished, error) {
 	failed := 0
 	if o.Failed {
 		failed = 1
@@ -180,15 +196,17 @@ func (s *Store) Finish(ctx context.Context, id string, attempt int, o Outcome) (
 	if o.Result != nil {
 		result = string(o.Result)
 	}
-	out := &platform.Command{}
+	out := &Finished{}
 	// Writes the outcome only for the attempt the worker holds (a retry of a
 	// command being cancelled ends it canceled); records the event and
-	// recomputes the agent's status. Returns the command.
+	// recomputes the agent's status. Returns the command, and whether its
+	// organization has a backlog.
 	err := s.DB.GetContext(ctx, out, `WITH done AS (
 			UPDATE commands SET
 				status = CASE WHEN $3 = 'queued' AND cancel_requested_at IS NOT NULL THEN 'canceled' ELSE $3 END,
 				result = COALESCE($4::jsonb, result), error = COALESCE($5, error), failures = failures + $6,
-				progress = CASE WHEN $3 = 'succeeded' THEN 100 ELSE progress END,
+				progress = CASE WHEN $3 = 'succeeded' THEN 100 ELSE COALESCE($9::integer, progress) END,
+				message = COALESCE($10::text, message),
 				finished_at = CASE WHEN $3 IN ('succeeded', 'failed', 'canceled') OR cancel_requested_at IS NOT NULL THEN now() END,
 				not_before = CASE WHEN cancel_requested_at IS NULL THEN $7::timestamptz END,
 				worker_id = NULL, lease_until = NULL, updated_at = now(), version = version + 1
@@ -197,8 +215,9 @@ func (s *Store) Finish(ctx context.Context, id string, attempt int, o Outcome) (
 		ev AS (INSERT INTO command_events (command_id, type, status, attempt, progress, message, data)
 			SELECT id, CASE WHEN status <> $3 THEN status ELSE $8 END, status, attempt, progress, COALESCE(error, ''), result FROM done),
 		`+agentStatus+`
-		SELECT * FROM done`,
-		id, attempt, o.Status, result, o.Error, failed, o.NotBefore, o.Event)
+		SELECT done.*, EXISTS (SELECT 1 FROM commands w WHERE w.org_id = done.org_id AND w.status = 'queued' AND w.admitted_at IS NULL) AS org_waiting
+		FROM done`,
+		id, attempt, o.Status, result, o.Error, failed, o.NotBefore, o.Event, o.Progress, o.Message)
 	if errors.Is(err, sql.ErrNoRows) {
 		return nil, nil
 	}
