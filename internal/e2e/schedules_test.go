@@ -66,7 +66,7 @@ func TestScheduleFiresOncePerFireTime(t *testing.T) {
 	u.Must(200, "PATCH", "/v1/schedules/"+id, map[string]any{"enabled": false})
 	stopped := count()
 	time.Sleep(2500 * time.Millisecond) // more than two periods
-	if n := count(); n > stopped+1 {     // a fire already under way may land
+	if n := count(); n > stopped+1 {    // a fire already under way may land
 		t.Fatalf("a disabled schedule fired %d more times", n-stopped)
 	}
 
