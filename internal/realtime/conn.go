@@ -23,8 +23,11 @@ type closeReq struct {
 	reason string
 }
 
-// conn is one client connection. Its reader handles the client's messages;
-// its writer alone writes to the socket, from the bounded send queue.
+// conn is one client connection. Its reader, the one goroutine it keeps,
+// handles the client's messages. Messages to send wait in a bounded queue;
+// a flush goroutine, started when there is something to send and gone when
+// the queue is empty, alone writes to the socket. An idle connection holds
+// one goroutine blocked in a read, a small read buffer and no write buffer.
 type conn struct {
 	g         *Gateway
 	ws        *websocket.Conn
@@ -34,18 +37,21 @@ type conn struct {
 	keyPrefix string
 
 	// The send queue: messages wait in queue (at most g.SendQueue of
-	// them; nil when empty, so an idle connection holds no buffer). wake
-	// tells the writer there is something to send, space tells a replay
-	// waiting for room that the writer took a message.
-	qmu   sync.Mutex
-	queue [][]byte
-	wake  chan struct{}
-	space chan struct{}
+	// them; nil when empty). space tells a replay waiting for room that a
+	// message left. closeWith is the close the flush goroutine makes once
+	// asked; stopped is closed when the socket takes nothing more.
+	qmu       sync.Mutex
+	queue     [][]byte
+	flushing  bool
+	ended     bool // the reader is done: no flush starts any more
+	closeWith *closeReq
+	flushes   sync.WaitGroup
+	space     chan struct{}
+	stopped   chan struct{}
+	stopOnce  sync.Once
 
-	closing    chan closeReq
 	cut        atomic.Bool // a close was requested: nothing more is queued
 	rechecking atomic.Bool // a recheck is queued at the gateway
-	writerDone chan struct{}
 	done       chan struct{}
 
 	mu   sync.Mutex
@@ -63,11 +69,14 @@ type subscription struct {
 	bufIDs  []string
 }
 
+// pingMessage in the queue stands for a ping frame.
+var pingMessage = []byte{}
+
 func newConn(g *Gateway, ws *websocket.Conn, p *platform.Principal, rebuild func(context.Context) (*platform.Principal, error), session, keyPrefix string) *conn {
 	c := &conn{
 		g: g, ws: ws, rebuild: rebuild, session: session, keyPrefix: keyPrefix,
-		wake: make(chan struct{}, 1), space: make(chan struct{}, 1), closing: make(chan closeReq, 1),
-		writerDone: make(chan struct{}), done: make(chan struct{}), subs: map[string]*subscription{},
+		space: make(chan struct{}, 1), stopped: make(chan struct{}), done: make(chan struct{}),
+		subs: map[string]*subscription{},
 	}
 	c.p.Store(p)
 	return c
@@ -77,15 +86,15 @@ func (c *conn) principal() *platform.Principal { return c.p.Load() }
 
 func (c *conn) serve(ctx context.Context) {
 	ctx, cancel := context.WithCancel(ctx)
-	defer cancel()
-	go func() {
-		defer close(c.writerDone)
-		c.writer(ctx)
-	}()
 	c.reader(ctx)
 	cancel()
-	<-c.writerDone
-	c.ws.Close()
+	c.ws.Close() // a flush blocked in a write returns
+	c.qmu.Lock()
+	c.ended = true
+	c.queue = nil
+	c.qmu.Unlock()
+	c.flushes.Wait()
+	c.stop()
 	c.mu.Lock()
 	c.dead = true
 	topics := make([]string, 0, len(c.subs))
@@ -97,10 +106,12 @@ func (c *conn) serve(ctx context.Context) {
 	for _, t := range topics {
 		c.g.unsubscribe(c, t)
 	}
-	c.qmu.Lock()
-	c.queue = nil
-	c.qmu.Unlock()
 	close(c.done)
+}
+
+// stop marks the socket as taking nothing more.
+func (c *conn) stop() {
+	c.stopOnce.Do(func() { close(c.stopped) })
 }
 
 // reader handles the client's messages until the connection ends.
@@ -301,9 +312,8 @@ func (c *conn) enqueue(data []byte) bool {
 		c.slow()
 		return false
 	}
-	c.queue = append(c.queue, data)
+	c.push(data)
 	c.qmu.Unlock()
-	signal(c.wake)
 	return true
 }
 
@@ -316,15 +326,14 @@ func (c *conn) enqueueWait(ctx context.Context, data []byte) bool {
 		}
 		c.qmu.Lock()
 		if len(c.queue) < c.g.SendQueue {
-			c.queue = append(c.queue, data)
+			c.push(data)
 			c.qmu.Unlock()
-			signal(c.wake)
 			return true
 		}
 		c.qmu.Unlock()
 		select {
 		case <-c.space:
-		case <-c.writerDone:
+		case <-c.stopped:
 			return false
 		case <-ctx.Done():
 			return false
@@ -332,12 +341,47 @@ func (c *conn) enqueueWait(ctx context.Context, data []byte) bool {
 	}
 }
 
-// next takes the oldest message of the send queue; nil if it is empty.
-func (c *conn) next() []byte {
+// ping queues a ping frame, unless the queue is busy (then the client
+// will answer the messages, or be cut off for not reading them).
+func (c *conn) ping() {
+	c.qmu.Lock()
+	if len(c.queue) == 0 && !c.cut.Load() {
+		c.push(pingMessage)
+	}
+	c.qmu.Unlock()
+}
+
+// push appends to the queue and makes sure a flush runs. qmu is held.
+func (c *conn) push(data []byte) {
+	if c.ended {
+		return
+	}
+	c.queue = append(c.queue, data)
+	c.startFlush()
+}
+
+// startFlush starts the flush goroutine unless it runs. qmu is held.
+func (c *conn) startFlush() {
+	if c.flushing || c.ended {
+		return
+	}
+	c.flushing = true
+	c.flushes.Add(1)
+	go c.flush()
+}
+
+// next takes what the flush goroutine does next: a close to make, or the
+// oldest message. Nothing (and the flush ends) when the queue is empty.
+func (c *conn) next() (*closeReq, []byte) {
 	c.qmu.Lock()
 	defer c.qmu.Unlock()
-	if len(c.queue) == 0 {
-		return nil
+	if req := c.closeWith; req != nil {
+		c.queue = nil
+		return req, nil
+	}
+	if len(c.queue) == 0 || c.ended {
+		c.flushing = false
+		return nil, nil
 	}
 	data := c.queue[0]
 	c.queue[0] = nil
@@ -346,7 +390,7 @@ func (c *conn) next() []byte {
 		c.queue = nil // let an idle connection hold no buffer
 	}
 	signal(c.space)
-	return data
+	return nil, data
 }
 
 func signal(ch chan struct{}) {
@@ -362,13 +406,16 @@ func (c *conn) slow() {
 	}
 }
 
-// shutdown asks the writer to close the connection with code; the first
-// request wins, and false means there was one already.
+// shutdown asks the flush goroutine to close the connection with code;
+// the first request wins, and false means there was one already.
 func (c *conn) shutdown(code int, reason string) bool {
 	if !c.cut.CompareAndSwap(false, true) {
 		return false
 	}
-	c.closing <- closeReq{code, reason}
+	c.qmu.Lock()
+	c.closeWith = &closeReq{code, reason}
+	c.startFlush()
+	c.qmu.Unlock()
 	return true
 }
 
@@ -385,47 +432,56 @@ func message(typ, topic string, data any) []byte {
 	return msg
 }
 
-// writer sends queued messages and pings, and closes the connection when
-// asked, telling a client that should come back (the server restarts)
-// to reconnect first.
-func (c *conn) writer(ctx context.Context) {
-	ping := time.NewTicker(c.g.PingInterval)
-	defer ping.Stop()
-	write := func(typ int, data []byte) bool {
-		_ = c.ws.SetWriteDeadline(time.Now().Add(10 * time.Second))
-		return c.ws.WriteMessage(typ, data) == nil
-	}
+// flush writes the queued messages until the queue is empty, or closes
+// the connection when asked, telling a client that should come back (the
+// server restarts) to reconnect first.
+func (c *conn) flush() {
+	defer c.flushes.Done()
 	for {
-		select {
-		case <-ctx.Done():
-			return
-		case req := <-c.closing:
+		req, data := c.next()
+		switch {
+		case req != nil:
 			if req.code == websocket.CloseServiceRestart {
 				raw, _ := json.Marshal(map[string]any{"code": req.code, "reason": req.reason})
 				msg, _ := json.Marshal(Message{Type: "reconnect", Data: raw})
-				write(websocket.TextMessage, msg)
+				_ = c.ws.SetWriteDeadline(time.Now().Add(time.Second))
+				_ = c.ws.WriteMessage(websocket.TextMessage, msg)
 			}
 			_ = c.ws.WriteControl(websocket.CloseMessage, websocket.FormatCloseMessage(req.code, req.reason), time.Now().Add(time.Second))
-			c.ws.Close()
+			c.fail()
 			return
-		case <-c.wake:
-			for data := c.next(); data != nil; data = c.next() {
-				if c.cut.Load() {
-					break // the close request is waiting
-				}
-				if !write(websocket.TextMessage, data) {
-					c.ws.Close()
-					return
-				}
-				c.g.Metrics.EventsSent(1)
-			}
-		case <-ping.C:
-			if err := c.ws.WriteControl(websocket.PingMessage, nil, time.Now().Add(10*time.Second)); err != nil {
-				c.ws.Close()
+		case data == nil:
+			return
+		case len(data) == 0: // pingMessage
+			if err := c.ws.WriteControl(websocket.PingMessage, nil, time.Now().Add(writeTimeout)); err != nil {
+				c.fail()
 				return
 			}
+		default:
+			_ = c.ws.SetWriteDeadline(time.Now().Add(writeTimeout))
+			if err := c.ws.WriteMessage(websocket.TextMessage, data); err != nil {
+				c.fail()
+				return
+			}
+			c.g.Metrics.EventsSent(1)
 		}
 	}
+}
+
+// writeTimeout bounds one write to a client.
+const writeTimeout = 10 * time.Second
+
+// fail ends the connection from the writing side: the reader's read fails
+// and the connection ends.
+func (c *conn) fail() {
+	c.cut.Store(true)
+	c.qmu.Lock()
+	c.flushing = false
+	c.ended = true // nothing more to write
+	c.queue = nil
+	c.qmu.Unlock()
+	c.stop()
+	c.ws.Close()
 }
 
 // requestRecheck queues the connection for a recheck at the gateway,

@@ -148,7 +148,7 @@ func (g *Gateway) Start(ctx context.Context) error {
 	g.recheckWake = make(chan struct{}, 1)
 	ctx, g.cancel = context.WithCancel(ctx)
 	g.ps = g.Redis.Subscribe(ctx)
-	g.wg.Add(2 + g.Recheckers)
+	g.wg.Add(3 + g.Recheckers)
 	go func() {
 		defer g.wg.Done()
 		g.relay(ctx)
@@ -156,6 +156,10 @@ func (g *Gateway) Start(ctx context.Context) error {
 	go func() {
 		defer g.wg.Done()
 		g.recheckAll(ctx)
+	}()
+	go func() {
+		defer g.wg.Done()
+		g.pingAll(ctx)
 	}()
 	for range g.Recheckers {
 		go func() {
@@ -410,10 +414,20 @@ func (g *Gateway) rechecker(ctx context.Context) {
 	}
 }
 
-// recheckAll queues every connection for a recheck each RecheckInterval,
-// spread over the interval.
+// recheckAll queues every connection for a recheck each RecheckInterval.
 func (g *Gateway) recheckAll(ctx context.Context) {
-	t := time.NewTicker(g.RecheckInterval)
+	g.everyConn(ctx, g.RecheckInterval, (*conn).requestRecheck)
+}
+
+// pingAll pings every connection each PingInterval.
+func (g *Gateway) pingAll(ctx context.Context) {
+	g.everyConn(ctx, g.PingInterval, (*conn).ping)
+}
+
+// everyConn calls fn on every connection each interval, spread over the
+// first half of the interval, until ctx ends.
+func (g *Gateway) everyConn(ctx context.Context, interval time.Duration, fn func(*conn)) {
+	t := time.NewTicker(interval)
 	defer t.Stop()
 	for {
 		select {
@@ -427,13 +441,12 @@ func (g *Gateway) recheckAll(ctx context.Context) {
 			conns = append(conns, c)
 		}
 		g.mu.Unlock()
-		if len(conns) == 0 {
-			continue
-		}
-		pause := g.RecheckInterval / 2 / time.Duration(len(conns))
-		for _, c := range conns {
-			c.requestRecheck()
-			if pause > time.Millisecond {
+		// In batches, with a pause between them.
+		const batch = 100
+		pause := interval / 2 / time.Duration(len(conns)/batch+1)
+		for i, c := range conns {
+			fn(c)
+			if i%batch == batch-1 {
 				select {
 				case <-ctx.Done():
 					return
@@ -448,9 +461,9 @@ func (g *Gateway) recheckAll(ctx context.Context) {
 // replica holds many mostly idle connections.
 var writeBuffers = &sync.Pool{}
 
-// Accept upgrades an authenticated request to a WebSocket connection and
-// serves it until it ends. rebuild reloads the principal (to re-check
-// access); session and keyPrefix say which revocations end it.
+// Accept upgrades an authenticated request to a WebSocket connection,
+// which it serves from then on, and returns. rebuild reloads the principal
+// (to re-check access); session and keyPrefix say which revocations end it.
 func (g *Gateway) Accept(w http.ResponseWriter, r *http.Request, p *platform.Principal, rebuild func(context.Context) (*platform.Principal, error), session, keyPrefix string) {
 	up := websocket.Upgrader{
 		ReadBufferSize:    1024,
@@ -477,11 +490,17 @@ func (g *Gateway) Accept(w http.ResponseWriter, r *http.Request, p *platform.Pri
 	g.conns[c] = struct{}{}
 	g.mu.Unlock()
 	g.Metrics.Connections(1)
-	c.serve(context.WithoutCancel(r.Context()))
-	g.mu.Lock()
-	delete(g.conns, c)
-	g.mu.Unlock()
-	g.Metrics.Connections(-1)
+	// The connection outlives the request: the handler returns, and with
+	// it go its (deep) stack, the HTTP server's buffers and the request.
+	// Only the request's identification is kept, for logs and audit.
+	ctx := platform.WithRequestInfo(context.Background(), platform.RequestInfoFrom(r.Context()))
+	go func() {
+		c.serve(ctx)
+		g.mu.Lock()
+		delete(g.conns, c)
+		g.mu.Unlock()
+		g.Metrics.Connections(-1)
+	}()
 }
 
 // compareIDs orders two stream ids (ms-seq): -1, 0 or 1.

@@ -752,3 +752,48 @@ func TestRelayInterruptedTellsClientsToReconnect(t *testing.T) {
 	f.publish("agent:a", 2, 3)
 	again.expectRun("agent:a", 2, 3)
 }
+
+func TestServerPings(t *testing.T) {
+	t.Parallel()
+	f := newFixture(t, 16)
+	g := &Gateway{Events: f.bus, Redis: f.g.Redis, Authorize: f.authorize, Logger: f.g.Logger, PingInterval: 50 * time.Millisecond}
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	if err := g.Start(ctx); err != nil {
+		t.Fatal(err)
+	}
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		p := &platform.Principal{ID: "u1", Kind: platform.KindUser}
+		g.Accept(w, r, p, func(context.Context) (*platform.Principal, error) { return p, nil }, "", "")
+	}))
+	defer func() {
+		stopCtx, cancelStop := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancelStop()
+		g.Stop(stopCtx)
+		srv.Close()
+	}()
+	ws, _, err := websocket.DefaultDialer.Dial("ws"+strings.TrimPrefix(srv.URL, "http"), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ws.Close()
+	pings := make(chan struct{}, 10)
+	ws.SetPingHandler(func(data string) error {
+		signal(pings)
+		return ws.WriteControl(websocket.PongMessage, []byte(data), time.Now().Add(time.Second))
+	})
+	go func() {
+		for {
+			if _, _, err := ws.ReadMessage(); err != nil {
+				return
+			}
+		}
+	}()
+	for i := range 3 {
+		select {
+		case <-pings:
+		case <-time.After(5 * time.Second):
+			t.Fatalf("ping %d did not come", i+1)
+		}
+	}
+}
