@@ -85,9 +85,7 @@ func newConn(g *Gateway, ws *websocket.Conn, p *platform.Principal, rebuild func
 func (c *conn) principal() *platform.Principal { return c.p.Load() }
 
 func (c *conn) serve(ctx context.Context) {
-	ctx, cancel := context.WithCancel(ctx)
 	c.reader(ctx)
-	cancel()
 	c.ws.Close() // a flush blocked in a write returns
 	c.qmu.Lock()
 	c.ended = true
@@ -106,6 +104,7 @@ func (c *conn) serve(ctx context.Context) {
 	for _, t := range topics {
 		c.g.unsubscribe(c, t)
 	}
+	c.g.forget(c)
 	close(c.done)
 }
 
@@ -341,11 +340,11 @@ func (c *conn) enqueueWait(ctx context.Context, data []byte) bool {
 	}
 }
 
-// ping queues a ping frame, unless the queue is busy (then the client
-// will answer the messages, or be cut off for not reading them).
+// ping queues a ping frame, unless the queue is full (then the client is
+// about to be cut off anyway).
 func (c *conn) ping() {
 	c.qmu.Lock()
-	if len(c.queue) == 0 && !c.cut.Load() {
+	if len(c.queue) < c.g.SendQueue && !c.cut.Load() {
 		c.push(pingMessage)
 	}
 	c.qmu.Unlock()

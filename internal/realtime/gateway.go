@@ -494,13 +494,15 @@ func (g *Gateway) Accept(w http.ResponseWriter, r *http.Request, p *platform.Pri
 	// it go its (deep) stack, the HTTP server's buffers and the request.
 	// Only the request's identification is kept, for logs and audit.
 	ctx := platform.WithRequestInfo(context.Background(), platform.RequestInfoFrom(r.Context()))
-	go func() {
-		c.serve(ctx)
-		g.mu.Lock()
-		delete(g.conns, c)
-		g.mu.Unlock()
-		g.Metrics.Connections(-1)
-	}()
+	go c.serve(ctx)
+}
+
+// forget removes an ended connection.
+func (g *Gateway) forget(c *conn) {
+	g.mu.Lock()
+	delete(g.conns, c)
+	g.mu.Unlock()
+	g.Metrics.Connections(-1)
 }
 
 // compareIDs orders two stream ids (ms-seq): -1, 0 or 1.
