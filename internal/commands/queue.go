@@ -22,6 +22,7 @@ import (
 	"time"
 
 	"github.com/hibiken/asynq"
+	"github.com/redis/go-redis/v9"
 )
 
 // TaskType is the Asynq task type of every command; the task only names the
@@ -90,4 +91,26 @@ func (q *Queue) Enqueue(ctx context.Context, id string, attempt int, timeout, de
 // no longer holds.
 func (q *Queue) TaskKey(id string, attempt int) string {
 	return "asynq:{" + q.name + "}:t:" + TaskID(id, attempt)
+}
+
+// takeBack removes the active task KEYS[1] (id ARGV[1]) from the active
+// list KEYS[2] and the lease set KEYS[3] if its lease expired before
+// ARGV[2] (unix seconds): the worker that dequeued it stopped renewing the
+// lease, so it died. Returns 1 if it took the task back, else 0. (Asynq
+// 0.26's layout: the lease set scores task ids by lease expiry.)
+var takeBack = redis.NewScript(`
+if redis.call('HGET', KEYS[1], 'state') ~= 'active' then return 0 end
+local lease = redis.call('ZSCORE', KEYS[3], ARGV[1])
+if lease and tonumber(lease) >= tonumber(ARGV[2]) then return 0 end
+redis.call('LREM', KEYS[2], 0, ARGV[1])
+redis.call('ZREM', KEYS[3], ARGV[1])
+redis.call('DEL', KEYS[1])
+return 1`)
+
+// takeBackLapsed removes the active task id from Asynq if the worker that
+// dequeued it let its lease lapse, so that it can be enqueued again.
+func (q *Queue) takeBackLapsed(ctx context.Context, rdb redis.UniversalClient, id string) (bool, error) {
+	base := "asynq:{" + q.name + "}:"
+	n, err := takeBack.Run(ctx, rdb, []string{base + "t:" + id, base + "active", base + "lease"}, id, time.Now().Unix()).Int()
+	return n == 1, err
 }

@@ -132,8 +132,9 @@ func (r *Reconciler) Pass(ctx context.Context) (Repairs, error) {
 }
 
 // requeueLost re-enqueues admitted commands whose next attempt's task is
-// not in Redis (flushed, or enqueued after a crash that never happened), and
-// those whose task died in Asynq's archive.
+// not in Redis (flushed, or enqueued after a crash that never happened),
+// those whose task died in Asynq's archive, and those whose task a worker
+// dequeued and died with before it claimed the attempt.
 func (r *Reconciler) requeueLost(ctx context.Context) (int, error) {
 	d := r.Dispatcher
 	waiting, err := d.Store.Unqueued(ctx, 2*time.Second, 5000)
@@ -159,6 +160,13 @@ func (r *Reconciler) requeueLost(ctx context.Context) (int, error) {
 		case state == "archived" || state == "completed":
 			if r.Inspector != nil {
 				_ = r.Inspector.DeleteTask(d.Queue.Name(), TaskID(c.ID, c.Attempt+1))
+			}
+		case state == "active":
+			// Dequeued but never claimed: if the worker's Asynq lease
+			// lapsed, it died in between. Take the task back.
+			taken, err := d.Queue.takeBackLapsed(ctx, r.Redis, TaskID(c.ID, c.Attempt+1))
+			if err != nil || !taken {
+				continue
 			}
 		default:
 			continue

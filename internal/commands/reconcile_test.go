@@ -186,3 +186,46 @@ func TestQueueEnqueueIsIdempotent(t *testing.T) {
 		t.Fatal("ParseTaskID accepted an id without attempt")
 	}
 }
+
+// A task a worker dequeued and died with before it claimed the attempt is
+// taken back once the worker's Asynq lease lapses; one whose worker still
+// renews its lease is left alone.
+func TestReconcilerTakesBackTasksOfDeadWorkers(t *testing.T) {
+	t.Parallel()
+	f := newFixture(t, Limits{100, 100})
+	d := f.dispatcher()
+	rec := f.reconciler(d)
+	ctx := context.Background()
+	agent := f.newAgent(f.org, map[string]any{"max_concurrency": 2})
+	dead := f.insert(f.org, agent, nil)
+	alive := f.insert(f.org, agent, nil)
+	if n := d.Admit(ctx, agent); n != 2 {
+		t.Fatalf("want 2 admitted, got %d", n)
+	}
+	base := "asynq:{" + d.Queue.Name() + "}:"
+	// What Asynq's dequeue does: pending → active, with a lease.
+	for c, lease := range map[string]int64{dead.ID: time.Now().Add(-time.Minute).Unix(), alive.ID: time.Now().Add(time.Minute).Unix()} {
+		id := TaskID(c, 1)
+		f.rdb.LRem(ctx, base+"pending", 0, id)
+		f.rdb.LPush(ctx, base+"active", id)
+		f.rdb.HSet(ctx, base+"t:"+id, "state", "active")
+		f.rdb.ZAdd(ctx, base+"lease", redis.Z{Score: float64(lease), Member: id})
+	}
+	f.exec(`UPDATE commands SET admitted_at = now() - interval '1 minute' WHERE agent_id = $1`, agent)
+	rep, err := rec.Pass(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if rep.Requeued != 1 {
+		t.Fatalf("want 1 re-enqueued, got %d", rep.Requeued)
+	}
+	if s := f.taskState(d, dead.ID, 1); s != "pending" {
+		t.Fatalf("the dead worker's task: want pending again, got %q", s)
+	}
+	if s := f.taskState(d, alive.ID, 1); s != "active" {
+		t.Fatalf("a live worker's task: want left active, got %q", s)
+	}
+	if n, _ := f.rdb.LLen(ctx, base+"active").Result(); n != 1 {
+		t.Fatalf("want one task left active, got %d", n)
+	}
+}
