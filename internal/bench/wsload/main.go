@@ -147,6 +147,9 @@ func run(ctx context.Context, o options) error {
 	}
 	logf("api holding %d connections: %d MB", len(clients), held/1024)
 
+	// For comparison, how long Redis alone takes to deliver the events:
+	// one pub/sub connection of this process on every agent's channel.
+	direct := directLatency(ctx, inst)
 	cpu0, _ := cpuTime(inst.api.cmd.Process.Pid)
 	self0, _ := cpuTime(os.Getpid())
 	published, dispatched := load(ctx, inst, o, st)
@@ -177,6 +180,9 @@ func run(ctx context.Context, o options) error {
 	}
 	if len(lat) == 0 {
 		return errors.New("no event arrived")
+	}
+	if d := direct(); len(d) > 0 {
+		logf("Redis pub/sub alone (one subscriber here): p50 %.1f ms, p99 %.1f ms", ms(d[len(d)/2]), ms(d[len(d)*99/100]))
 	}
 	rss := max(held, loaded)
 	fmt.Printf("BENCH ws_connections %d conns\n", alive)
@@ -406,6 +412,40 @@ func load(ctx context.Context, inst *installation, o options, st *stats) (int64,
 	}
 	wg.Wait()
 	return published.Load(), dispatched.Load()
+}
+
+// directLatency subscribes to every agent channel of the installation and
+// records how long each load event took to arrive; the function it
+// returns stops and gives the sorted latencies.
+func directLatency(ctx context.Context, inst *installation) func() []time.Duration {
+	bus := events.NewBus(inst.rdb, inst.prefix, 1000)
+	ps := inst.rdb.PSubscribe(ctx, bus.Channel("agent:*"))
+	var mu sync.Mutex
+	var lat []time.Duration
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		for m := range ps.Channel(redis.WithChannelSize(10000)) {
+			now := time.Now().UnixNano()
+			var e struct {
+				Type string
+				Data struct {
+					At int64 `json:"at"`
+				}
+			}
+			if json.Unmarshal([]byte(m.Payload), &e) == nil && e.Type == "load" {
+				mu.Lock()
+				lat = append(lat, time.Duration(now-e.Data.At))
+				mu.Unlock()
+			}
+		}
+	}()
+	return func() []time.Duration {
+		ps.Close()
+		<-done
+		slices.Sort(lat)
+		return lat
+	}
 }
 
 // installation is a schema, a Redis prefix, and the binaries running on them.
