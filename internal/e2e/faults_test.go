@@ -198,7 +198,10 @@ func TestFaultWorkerKilled(t *testing.T) {
 			Eventually(t, 20*time.Second, "the victim running commands", func() bool { return len(runningOnVictim()) >= 3 })
 			victim.Kill()
 			killedAt = time.Now()
-			killed = runningOnVictim() // what it ran when it died
+			// What it ran when it died: statements it sent just before
+			// dying still complete, so look once they have.
+			time.Sleep(time.Second)
+			killed = runningOnVictim()
 		})
 	})
 	if len(killed) == 0 {
