@@ -40,7 +40,7 @@ func promtool(t *testing.T, args ...string) {
 	t.Helper()
 	path, err := exec.LookPath("promtool")
 	if err != nil {
-		t.Skip("promtool is not on PATH: install Debian's prometheus package (apt-get install prometheus) to check the rules and run their unit tests")
+		t.Skip("promtool is not on PATH, so promtool's checks are skipped (the Go checks of the same files ran): install Debian's prometheus package, apt-get install prometheus")
 	}
 	cmd := exec.Command(path, args...)
 	var out bytes.Buffer

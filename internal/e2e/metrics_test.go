@@ -144,6 +144,7 @@ func checkCounted(t *testing.T, scraped map[string]map[string]*dto.MetricFamily)
 		{"api", "agentry_http_requests_total", map[string]string{"method": "GET", "route": "unmatched", "status": "404"}, 1},
 		{"api", "agentry_auth_failures_total", map[string]string{"reason": "bad_token"}, 1},
 		{"api", "agentry_auth_failures_total", map[string]string{"reason": "missing"}, 1},
+		{"api", "agentry_access_denials_total", nil, 1},
 		{"api", "agentry_commands_dispatched_total", map[string]string{"task": "agent:echo"}, 2},
 		{"api", "agentry_ws_connections", nil, 1},
 		{"api", "agentry_ws_subscriptions", nil, 1},
