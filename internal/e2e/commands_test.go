@@ -272,9 +272,14 @@ func TestCommandAgentStatus(t *testing.T) {
 	}
 	c := cmdDispatch(t, u.Client, agent, sleep(1500))
 	cmdWaitStatus(t, u.Client, c.ID, "running", 10*time.Second)
+	// The API caches agents; the worker makes the cached copy stale just
+	// after it claims the command.
+	waitAgentStatus(t, u.Client, agent, "busy", time.Second)
 	st := u.Must(200, "GET", "/v1/agents/"+agent+"/status", nil).JSON(t)
 	if st["status"] != "busy" || st["running"] != float64(1) || st["last_task"] != "agent:sleep" {
-		t.Fatalf("while running: want busy with 1 running, got %v", st)
+		var inDB string
+		_ = stackDB(t, s).Get(&inDB, `SELECT status FROM agents WHERE id = $1`, agent)
+		t.Fatalf("while running: want busy with 1 running, got %v (the database says %s)", st, inDB)
 	}
 	cmdWaitStatus(t, u.Client, c.ID, "succeeded", 10*time.Second)
 	waitAgentStatus(t, u.Client, agent, "idle", 5*time.Second)
