@@ -118,6 +118,11 @@ BEGIN
     IF NOT FOUND OR v_status = 'disabled' THEN
         RETURN;
     END IF;
+    -- The organization's admissions queue on this lock until each commits:
+    -- commit without waiting for the WAL flush, or the flush paces them all.
+    -- An admission lost in a crash is harmless: the command is admitted
+    -- again, and a task of the lost admission finds nothing to claim.
+    PERFORM set_config('synchronous_commit', 'off', true);
     PERFORM pg_advisory_xact_lock(hashtextextended('agentry:admit:' || v_org::text, 0));
     -- Counts stop at the limits: their cost is bounded by the limits, not
     -- by the size of the organization's work.
