@@ -243,8 +243,9 @@ func serve(ctx context.Context, s config.Settings, stdout io.Writer, logger *slo
 		},
 	})
 	guard := &access.Guard{DB: db, Audit: svc.audit, OnDeny: accessMetrics.Denied}
+	svc.accounts.OnFailure = accessMetrics.AuthFailure
 	rows := cache.NewVersioned(svc.rdb, s.RedisPrefix, s.CacheTTL, 100_000, logger)
-	acl := &access.ACL{DB: db, Audit: svc.audit, Changed: func(ctx context.Context, orgID, typ, resourceID string) {
+	acl := &access.ACL{DB: db, Audit: svc.audit, OnDeny: accessMetrics.Denied, Changed: func(ctx context.Context, orgID, typ, resourceID string) {
 		if resourceID != "" {
 			_ = rows.Bump(ctx, crud.ResourceDep(typ, resourceID))
 		} else {

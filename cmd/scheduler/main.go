@@ -60,14 +60,16 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 	reg := metrics.New("scheduler", app.Version)
 	reg.RegisterDB(db.DB)
 	schedMetrics := metrics.NewScheduler(reg)
+	cmdMetrics := metrics.NewCommands(reg)
 	queueMetrics := metrics.NewQueue(reg)
 	queue := commands.NewQueue(asynq.NewClientFromRedisClient(rdb), s.RedisPrefix)
 	bus := events.NewBus(rdb, s.RedisPrefix, s.EventStreamMaxLen)
 	dispatcher := &commands.Dispatcher{
-		Store:  &commands.Store{DB: db, Limits: commands.Limits{OrgMaxInFlight: s.OrgMaxInFlight, OrgMaxQueued: s.OrgMaxQueued}},
-		Queue:  queue,
-		Events: bus,
-		Logger: logger,
+		Store:   &commands.Store{DB: db, Limits: commands.Limits{OrgMaxInFlight: s.OrgMaxInFlight, OrgMaxQueued: s.OrgMaxQueued}},
+		Queue:   queue,
+		Events:  bus,
+		Logger:  logger,
+		Metrics: cmdMetrics,
 		// The API caches agents; their status changes here.
 		AgentChanged: agentChanged(cache.NewVersioned(rdb, s.RedisPrefix, s.CacheTTL, 1, logger)),
 	}

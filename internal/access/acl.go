@@ -23,6 +23,8 @@ type ACL struct {
 	// Changed, if set, is told of every change to an organization's
 	// entries (the cache and the WebSocket gateway re-check access).
 	Changed func(ctx context.Context, orgID, resourceType, resourceID string)
+	// OnDeny, if set, is told of every refusal (metrics).
+	OnDeny func(reason string)
 }
 
 func (a *ACL) changed(ctx context.Context, orgID, typ string, resourceID *string) {
@@ -69,6 +71,9 @@ func (a *ACL) CanAdminister(p *platform.Principal, s platform.Scope, ref *platfo
 func (a *ACL) check(ctx context.Context, p *platform.Principal, s platform.Scope, ref *platform.ResourceRef, action string) error {
 	if CanAdminister(p, s, ref) {
 		return nil
+	}
+	if a.OnDeny != nil {
+		a.OnDeny("not_acl_admin")
 	}
 	e := platform.AuditEvent{Action: "acl." + action, ResourceType: s.Type, Outcome: "denied", Reason: "not an ACL administrator"}
 	if ref != nil {

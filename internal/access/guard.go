@@ -85,7 +85,7 @@ func alwaysAllowed(p *platform.Principal, s platform.Scope) bool {
 // deny writes the audit row of a denied decision.
 func (g *Guard) deny(ctx context.Context, p *platform.Principal, typ, action string, ref *platform.ResourceRef, d Decision) {
 	if g.OnDeny != nil {
-		g.OnDeny(d.Reason)
+		g.OnDeny(DenialCode(d.Reason))
 	}
 	if g.Audit == nil {
 		return
@@ -131,3 +131,21 @@ func (g *Guard) Forget(ctx context.Context, tx *sqlx.Tx, ref platform.ResourceRe
 
 // AllEntries is the crud.Guard form of AllEntries.
 func (g *Guard) AllEntries(s platform.Scope, args *sqlq.Args) string { return AllEntries(s, args) }
+
+// DenialCodes are the metric labels of denial reasons.
+var DenialCodes = map[string]string{
+	ReasonKeyScope:             "key_scope",
+	ReasonTenant:               "tenant",
+	ReasonNoOrg:                "no_org",
+	ReasonDenyEntry:            "deny_entry",
+	ReasonNoGrant:              "no_grant",
+	"organization admins only": "admins_only",
+}
+
+// DenialCode returns the metric label of a denial reason.
+func DenialCode(reason string) string {
+	if code, ok := DenialCodes[reason]; ok {
+		return code
+	}
+	return "other"
+}

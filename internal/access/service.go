@@ -52,6 +52,15 @@ type Service struct {
 	Window      time.Duration
 	// Invalidate drops cached identity facts on every replica.
 	Invalidate func(ctx context.Context, keys ...string)
+	// OnFailure, if set, is told why a login or refresh failed (metrics):
+	// bad_password, throttled or refresh_reuse.
+	OnFailure func(reason string)
+}
+
+func (s *Service) failed(reason string) {
+	if s.OnFailure != nil {
+		s.OnFailure(reason)
+	}
 }
 
 // TokenPair is what a login or a refresh answers.
@@ -156,9 +165,11 @@ func (s *Service) Login(ctx context.Context, email, password string) (*TokenPair
 	}
 	if wait > 0 {
 		s.Audit.Record(ctx, platform.AuditEvent{Action: "login", Outcome: "denied", Reason: "throttled", Details: platform.JSONObject{"email": email}})
+		s.failed("throttled")
 		return nil, &platform.Error{Code: platform.ETOOMANY, Message: "too many failed logins; wait before trying again", RetryAfter: wait}
 	}
 	fail := func(reason string, u *platform.User) (*TokenPair, error) {
+		s.failed("bad_password")
 		if err := s.Throttle.Fail(ctx, limits...); err != nil {
 			return nil, err
 		}
@@ -242,6 +253,7 @@ func (s *Service) Refresh(ctx context.Context, token string) (*TokenPair, error)
 		return nil, err
 	}
 	if reused {
+		s.failed("refresh_reuse")
 		s.Invalidate(ctx, sessionKey(sess.FamilyID))
 		s.Audit.Record(ctx, platform.AuditEvent{ActorID: &sess.UserID, ActorKind: platform.KindUser, Action: "session.reuse_detected", Outcome: "denied",
 			Reason: "a rotated refresh token was presented again; the session is revoked", Details: platform.JSONObject{"session_id": sess.FamilyID}})

@@ -31,6 +31,8 @@ type Metrics interface {
 	Dispatched(task string)
 	Started(task string, waited time.Duration)
 	Finished(task, outcome string, ran time.Duration)
+	// Ended counts a command ended without a worker running it to the end.
+	Ended(task, outcome string)
 	Retried(task string)
 }
 
@@ -180,6 +182,9 @@ func (d *Dispatcher) Cancel(ctx context.Context, c *platform.Command) (*platform
 		return nil, platform.Errorf(platform.ECONFLICT, "the command already ended")
 	}
 	if out.Status == platform.CommandCanceled {
+		if d.Metrics != nil {
+			d.Metrics.Ended(out.Task, platform.CommandCanceled)
+		}
 		d.agentChanged(ctx, out.AgentID)
 		d.Publish(ctx, "command.canceled", out)
 		d.Admit(ctx, out.AgentID)

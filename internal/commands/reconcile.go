@@ -90,6 +90,13 @@ func (r *Reconciler) Pass(ctx context.Context) (Repairs, error) {
 	rep.LeasesExpired = len(expired)
 	for _, c := range expired {
 		d.agentChanged(ctx, c.AgentID)
+		if d.Metrics != nil {
+			if c.Status == platform.CommandQueued {
+				d.Metrics.Retried(c.Task)
+			} else {
+				d.Metrics.Ended(c.Task, c.Status)
+			}
+		}
 		typ := "command." + c.Status
 		if c.Status == platform.CommandQueued {
 			typ = "command.retrying"

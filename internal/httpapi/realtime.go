@@ -113,6 +113,7 @@ func (s *Server) realtimeRoutes(d Deps, res *Resources) {
 				return
 			}
 			if claims == nil {
+				s.authFailed("bad_ticket")
 				c.Header("WWW-Authenticate", `Bearer realm="agentry"`)
 				writeProblem(c, platform.Errorf(platform.EUNAUTHORIZED, "invalid, used or expired ticket"))
 				return
@@ -136,6 +137,9 @@ func (s *Server) realtimeRoutes(d Deps, res *Resources) {
 			}
 		}
 		if err != nil {
+			if reason, ok := access.IsAuthError(err); ok {
+				s.authFailed(reason)
+			}
 			if platform.ErrorCode(err) == platform.EUNAUTHORIZED {
 				c.Header("WWW-Authenticate", `Bearer realm="agentry"`)
 			}
@@ -156,6 +160,12 @@ func (s *Server) realtimeRoutes(d Deps, res *Resources) {
 	})
 
 	s.notificationRoutes(d)
+}
+
+func (s *Server) authFailed(reason string) {
+	if s.opts.OnAuthFailure != nil {
+		s.opts.OnAuthFailure(reason)
+	}
 }
 
 // originAllowed compares an Origin header with the allowed origins

@@ -65,6 +65,10 @@ func (m *Commands) Finished(task, outcome string, ran time.Duration) {
 }
 func (m *Commands) Retried(task string) { m.retries.WithLabelValues(task).Inc() }
 
+// Ended counts a command that ended without a worker running it to the end
+// (cancelled while queued, or its worker died).
+func (m *Commands) Ended(task, outcome string) { m.finished.WithLabelValues(task, outcome).Inc() }
+
 // Scheduler counts the scheduler's work.
 type Scheduler struct {
 	Leader   prometheus.Gauge
@@ -110,13 +114,16 @@ type Access struct {
 func NewAccess(r *Registry) *Access {
 	m := &Access{
 		authFailures: prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: Namespace, Subsystem: "auth", Name: "failures_total",
-			Help: "Requests whose credentials were refused, by reason (missing, bad_token, revoked, bad_key, disabled, not_member)."}, []string{"reason"}),
+			Help: "Refused credentials, by reason (missing, bad_token, revoked, bad_key, disabled, not_member, bad_ticket, bad_password, throttled, refresh_reuse)."}, []string{"reason"}),
 		denials: prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: Namespace, Subsystem: "access", Name: "denials_total",
 			Help: "Access decisions that denied, by reason."}, []string{"reason"}),
 	}
 	r.MustRegister(m.authFailures, m.denials)
-	for _, reason := range []string{"missing", "bad_token", "revoked", "bad_key", "disabled", "not_member"} {
+	for _, reason := range []string{"missing", "bad_token", "revoked", "bad_key", "disabled", "not_member", "bad_password", "throttled", "refresh_reuse", "bad_ticket"} {
 		m.authFailures.WithLabelValues(reason)
+	}
+	for _, reason := range []string{"key_scope", "tenant", "no_org", "deny_entry", "no_grant", "admins_only", "not_acl_admin", "other"} {
+		m.denials.WithLabelValues(reason)
 	}
 	return m
 }
