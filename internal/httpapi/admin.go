@@ -13,8 +13,10 @@ import (
 
 // Admin is what the superadmins' read-only queue views need: the Asynq
 // inspector and the name of the commands queue. (asynqmon, Asynq's own web
-// UI, was last released for Asynq 0.24 and does not build against the 0.26
-// this platform uses; these views give operators what they need from it.)
+// UI, builds against Asynq 0.26 but has no authentication of its own, shows
+// every queue of the Redis and the commands' payloads, and is unmaintained;
+// these views give operators what they need from it, behind the API's own
+// authentication, limited to this installation's queue, without payloads.)
 type Admin struct {
 	Inspector *asynq.Inspector
 	Queue     string
