@@ -125,9 +125,9 @@ BEGIN
     PERFORM set_config('synchronous_commit', 'off', true);
     PERFORM pg_advisory_xact_lock(hashtextextended('agentry:admit:' || v_org::text, 0));
     -- Counts stop at the limits: their cost is bounded by the limits, not
-    -- by the size of the organization's work.
+    -- by the size of the organization's work (commands_inflight_idx).
     SELECT count(*) INTO v_agent_busy FROM (SELECT 1 FROM commands c
-     WHERE c.agent_id = p_agent AND c.admitted_at IS NOT NULL AND c.status IN ('queued', 'running') LIMIT v_max) busy;
+     WHERE c.org_id = v_org AND c.agent_id = p_agent AND c.admitted_at IS NOT NULL AND c.status IN ('queued', 'running') LIMIT v_max) busy;
     IF v_agent_busy >= v_max THEN
         RETURN;
     END IF;
@@ -151,7 +151,31 @@ END;
 $$;
 -- +goose StatementEnd
 
+-- admit_org admits what it can of the backlogs of an organization's agents
+-- (at most 200 of them, oldest waiting command first) in one transaction,
+-- under the organization's admission lock taken once. Takes the
+-- organization and its two limits; returns what admit_commands returns.
+-- +goose StatementBegin
+CREATE OR REPLACE FUNCTION admit_org(p_org uuid, p_org_limit integer, p_org_queued integer)
+RETURNS TABLE (id uuid, attempt integer, timeout_s integer) LANGUAGE plpgsql AS $$
+DECLARE
+    v_agent uuid;
+BEGIN
+    PERFORM set_config('synchronous_commit', 'off', true);
+    PERFORM pg_advisory_xact_lock(hashtextextended('agentry:admit:' || p_org::text, 0));
+    FOR v_agent IN
+        SELECT w.agent_id FROM commands w
+         WHERE w.org_id = p_org AND w.status = 'queued' AND w.admitted_at IS NULL
+         GROUP BY w.agent_id ORDER BY min(w.created_at) LIMIT 200
+    LOOP
+        RETURN QUERY SELECT * FROM admit_commands(v_agent, p_org_limit, p_org_queued);
+    END LOOP;
+END;
+$$;
+-- +goose StatementEnd
+
 -- +goose Down
+DROP FUNCTION IF EXISTS admit_org(uuid, integer, integer);
 DROP FUNCTION IF EXISTS admit_commands(uuid, integer, integer);
 DROP TABLE IF EXISTS schedules;
 DROP TABLE IF EXISTS command_events;

@@ -144,17 +144,32 @@ func (d *Dispatcher) Admit(ctx context.Context, agentID string) int {
 		d.Logger.WarnContext(ctx, "admission failed; the reconciler will retry", "agent_id", agentID, "err", err)
 		return 0
 	}
+	d.enqueue(ctx, admitted)
+	return len(admitted)
+}
+
+// enqueue hands admitted commands to the queue. Failures are logged: the
+// reconciler re-enqueues what Redis does not hold.
+func (d *Dispatcher) enqueue(ctx context.Context, admitted []Admitted) {
 	for _, a := range admitted {
 		if err := d.Queue.Enqueue(ctx, a.ID, a.Attempt+1, time.Duration(a.TimeoutS)*time.Second, 0); err != nil {
 			d.Logger.WarnContext(ctx, "enqueue failed; the reconciler will retry", "command_id", a.ID, "err", err)
 		}
 	}
-	return len(admitted)
 }
 
 // AdmitOrg admits what it can of the backlogs of an organization's agents
-// (or of every organization's, with orgID "").
+// (or of every organization's, with orgID "", agent by agent).
 func (d *Dispatcher) AdmitOrg(ctx context.Context, orgID string) int {
+	if orgID != "" {
+		admitted, err := d.Store.AdmitOrg(ctx, orgID)
+		if err != nil {
+			d.Logger.WarnContext(ctx, "admission failed; the reconciler will retry", "org_id", orgID, "err", err)
+			return 0
+		}
+		d.enqueue(ctx, admitted)
+		return len(admitted)
+	}
 	agents, err := d.Store.WaitingAgents(ctx, orgID, 200)
 	if err != nil {
 		d.Logger.WarnContext(ctx, "listing backlogs failed", "err", err)

@@ -172,7 +172,7 @@ func (r *Runner) ProcessTask(ctx context.Context, t *asynq.Task) error {
 	}
 	r.Dispatcher.agentChanged(ctx, c.AgentID)
 	publishCommand(ctx, r.Dispatcher.Events, r.Logger, "command.running", &c.Command)
-	if c.OrgWaiting {
+	if c.AgentWaiting {
 		r.wg.Add(1)
 		go func() {
 			defer r.wg.Done()
@@ -332,7 +332,13 @@ func (r *Runner) finish(ctx context.Context, c *Claimed, o Outcome, ran time.Dur
 	if r.OnFinish != nil {
 		r.OnFinish(wctx, &done.Command)
 	}
-	if done.OrgWaiting && r.Dispatcher.Admit(wctx, done.AgentID) == 0 {
+	// The agent's slot and one of its organization's freed: admit what
+	// waits for them (what is only on its way, its dispatcher admits).
+	admitted := 0
+	if done.AgentWaiting {
+		admitted = r.Dispatcher.Admit(wctx, done.AgentID)
+	}
+	if admitted == 0 && done.OrgWaiting {
 		r.Dispatcher.AdmitOrg(wctx, done.OrgID)
 	}
 }

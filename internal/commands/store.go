@@ -43,14 +43,16 @@ type Admitted struct {
 // agentStatus sets the status of the agents of done's commands from their
 // running commands (done being a CTE of changed commands).
 // The statement's snapshot still shows done's commands as they were, so
-// they are judged by their new status in done, and the others from commands.
+// they are judged by their new status in done, and the others from commands
+// (through commands_inflight_idx: a running command is always admitted).
 // An agent whose status does not change is not written.
 const agentStatus = `ag AS (
 	UPDATE agents a SET status = s.status, updated_at = now()
 	FROM (SELECT g.id, CASE
 			WHEN g.status = 'disabled' THEN 'disabled'
 			WHEN EXISTS (SELECT 1 FROM done r WHERE r.agent_id = g.id AND r.status = 'running') THEN 'busy'
-			WHEN EXISTS (SELECT 1 FROM commands o WHERE o.agent_id = g.id AND o.status = 'running' AND o.id NOT IN (SELECT id FROM done)) THEN 'busy'
+			WHEN EXISTS (SELECT 1 FROM commands o WHERE o.org_id = g.org_id AND o.agent_id = g.id AND o.admitted_at IS NOT NULL
+				AND o.status = 'running' AND o.id NOT IN (SELECT id FROM done)) THEN 'busy'
 			WHEN EXISTS (SELECT 1 FROM done f WHERE f.agent_id = g.id AND f.status = 'failed') THEN 'error'
 			ELSE 'idle' END AS status
 		FROM agents g WHERE g.id IN (SELECT agent_id FROM done)) s
@@ -112,6 +114,18 @@ func (s *Store) AdmitAgent(ctx context.Context, agentID string) ([]Admitted, err
 	return out, err
 }
 
+// AdmitOrg admits what it can of the backlogs of an organization's agents,
+// in one transaction.
+func (s *Store) AdmitOrg(ctx context.Context, orgID string) ([]Admitted, error) {
+	var out []Admitted
+	// Admits the waiting commands of the organization's agents within the
+	// limits; returns them with their timeouts.
+	err := s.DB.SelectContext(ctx, &out, `SELECT id, attempt, timeout_s
+		FROM admit_org($1, COALESCE((SELECT o.org_max_in_flight FROM organizations o WHERE o.id = $1), $2), $3)`,
+		orgID, s.Limits.OrgMaxInFlight, s.Limits.OrgMaxQueued)
+	return out, err
+}
+
 // WaitingAgents lists agents with a backlog: of one organization, or of all
 // when orgID is "".
 func (s *Store) WaitingAgents(ctx context.Context, orgID string, limit int) ([]string, error) {
@@ -132,8 +146,8 @@ func (s *Store) Claim(ctx context.Context, id string, attempt int, worker string
 	out := &Claimed{}
 	// Fences the attempt: only a queued command at attempt-1 becomes running;
 	// records the event and makes the agent busy. Returns the command with
-	// the agent's config and environment id, and whether its organization
-	// has a backlog.
+	// the agent's config and environment id, and whether the agent has a
+	// backlog.
 	err := s.DB.GetContext(ctx, out, `WITH done AS (
 			UPDATE commands SET status = 'running', attempt = $2, worker_id = $3, lease_until = now() + $4 * interval '1 millisecond',
 				started_at = COALESCE(started_at, now()), not_before = NULL, updated_at = now(), version = version + 1
@@ -142,7 +156,7 @@ func (s *Store) Claim(ctx context.Context, id string, attempt int, worker string
 		ev AS (INSERT INTO command_events (command_id, type, status, attempt) SELECT id, 'running', status, attempt FROM done),
 		ag AS (UPDATE agents a SET status = 'busy', updated_at = now() FROM done d WHERE a.id = d.agent_id AND a.status NOT IN ('busy', 'disabled'))
 		SELECT done.*, g.config AS agent_config, g.environment_id AS agent_environment_id,
-			EXISTS (SELECT 1 FROM commands w WHERE w.org_id = done.org_id AND w.status = 'queued' AND w.admitted_at IS NULL) AS org_waiting
+			EXISTS (SELECT 1 FROM commands w WHERE w.agent_id = done.agent_id AND w.status = 'queued' AND w.admitted_at IS NULL) AS agent_waiting
 		FROM done JOIN agents g ON g.id = done.agent_id`,
 		id, attempt, worker, lease.Milliseconds())
 	if errors.Is(err, sql.ErrNoRows) {
@@ -156,8 +170,8 @@ type Claimed struct {
 	platform.Command
 	AgentConfig        platform.JSONObject `db:"agent_config"`
 	AgentEnvironmentID *string             `db:"agent_environment_id"`
-	// OrgWaiting tells that the organization has commands not yet admitted.
-	OrgWaiting bool `db:"org_waiting"`
+	// AgentWaiting tells that the agent has commands not yet admitted.
+	AgentWaiting bool `db:"agent_waiting"`
 }
 
 // Outcome is how an attempt ended.
@@ -179,8 +193,10 @@ type Outcome struct {
 // Finished is a command whose attempt ended.
 type Finished struct {
 	platform.Command
-	// OrgWaiting tells that the organization has commands not yet admitted.
-	OrgWaiting bool `db:"org_waiting"`
+	// AgentWaiting and OrgWaiting tell that the agent, or its organization,
+	// has commands not yet admitted.
+	AgentWaiting bool `db:"agent_waiting"`
+	OrgWaiting   bool `db:"org_waiting"`
 }
 
 // Finish records the outcome of the attempt a worker holds. It returns nil
@@ -200,7 +216,7 @@ func (s *Store) Finish(ctx context.Context, id string, attempt int, o Outcome) (
 	// Writes the outcome only for the attempt the worker holds (a retry of a
 	// command being cancelled ends it canceled); records the event and
 	// recomputes the agent's status. Returns the command, and whether its
-	// organization has a backlog.
+	// agent and its organization have a backlog.
 	err := s.DB.GetContext(ctx, out, `WITH done AS (
 			UPDATE commands SET
 				status = CASE WHEN $3 = 'queued' AND cancel_requested_at IS NOT NULL THEN 'canceled' ELSE $3 END,
@@ -215,7 +231,9 @@ func (s *Store) Finish(ctx context.Context, id string, attempt int, o Outcome) (
 		ev AS (INSERT INTO command_events (command_id, type, status, attempt, progress, message, data)
 			SELECT id, CASE WHEN status <> $3 THEN status ELSE $8 END, status, attempt, progress, COALESCE(error, ''), result FROM done),
 		`+agentStatus+`
-		SELECT done.*, EXISTS (SELECT 1 FROM commands w WHERE w.org_id = done.org_id AND w.status = 'queued' AND w.admitted_at IS NULL) AS org_waiting
+		SELECT done.*,
+			EXISTS (SELECT 1 FROM commands w WHERE w.agent_id = done.agent_id AND w.status = 'queued' AND w.admitted_at IS NULL) AS agent_waiting,
+			EXISTS (SELECT 1 FROM commands w WHERE w.org_id = done.org_id AND w.status = 'queued' AND w.admitted_at IS NULL) AS org_waiting
 		FROM done`,
 		id, attempt, o.Status, result, o.Error, failed, o.NotBefore, o.Event, o.Progress, o.Message)
 	if errors.Is(err, sql.ErrNoRows) {

@@ -614,3 +614,46 @@ func TestAdmitReturnsEveryAdmitted(t *testing.T) {
 		t.Fatalf("%d of %d admitted commands were not returned exactly once (%d returned)", lost, len(admitted), len(returned))
 	}
 }
+
+// An organization's backlogs are admitted in one call, within its limits,
+// the agent whose command waited longest first.
+func TestAdmitOrg(t *testing.T) {
+	t.Parallel()
+	f := newFixture(t, Limits{OrgMaxInFlight: 4, OrgMaxQueued: 100})
+	var agents []string
+	for i := range 3 {
+		a := f.newAgent(f.org, map[string]any{"max_concurrency": 2})
+		agents = append(agents, a)
+		for j := range 3 {
+			c := f.insert(f.org, a, nil)
+			// Agent 2's commands are the oldest, then agent 1's, then agent 0's.
+			f.exec(`UPDATE commands SET created_at = now() - $2 * interval '1 second' WHERE id = $1`, c.ID, 100*i+10-j)
+		}
+	}
+	otherOrg, _ := f.newOrg()
+	elsewhere := f.insert(otherOrg, f.newAgent(otherOrg, nil), nil)
+
+	got, err := f.store.AdmitOrg(context.Background(), f.org)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(got) != 4 {
+		t.Fatalf("want 4 admitted (org_max_in_flight), got %d", len(got))
+	}
+	per := map[string]int{}
+	for _, a := range got {
+		per[f.get(a.ID).AgentID]++
+		if a.TimeoutS != 60 || a.Attempt != 0 {
+			t.Fatalf("admitted: want timeout 60 at attempt 0, got %+v", a)
+		}
+	}
+	if per[agents[2]] != 2 || per[agents[1]] != 2 || per[agents[0]] != 0 {
+		t.Fatalf("want the two agents with the oldest backlog admitted up to max_concurrency, got %v", per)
+	}
+	if f.get(elsewhere.ID).AdmittedAt != nil {
+		t.Fatal("another organization's command was admitted")
+	}
+	if got, err := f.store.AdmitOrg(context.Background(), f.org); err != nil || len(got) != 0 {
+		t.Fatalf("at the limit: want nothing more, got %d (%v)", len(got), err)
+	}
+}
