@@ -5,6 +5,7 @@ import (
 	"database/sql"
 	"encoding/json"
 	"errors"
+	"sync"
 	"time"
 
 	"github.com/jmoiron/sqlx"
@@ -31,6 +32,47 @@ type Limits struct {
 type Store struct {
 	DB     *sqlx.DB
 	Limits Limits
+
+	mu    sync.Mutex
+	stmts map[string]*sqlx.Stmt
+}
+
+// stmt returns query prepared on the pool. The statements a command goes
+// through are prepared: PostgreSQL then plans them once per connection, not
+// at every call (planning the outcome's statement cost more than running it).
+func (s *Store) stmt(ctx context.Context, query string) (*sqlx.Stmt, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if st, ok := s.stmts[query]; ok {
+		return st, nil
+	}
+	st, err := s.DB.PreparexContext(ctx, query)
+	if err != nil {
+		return nil, err
+	}
+	if s.stmts == nil {
+		s.stmts = map[string]*sqlx.Stmt{}
+	}
+	s.stmts[query] = st
+	return st, nil
+}
+
+// get is GetContext with query prepared.
+func (s *Store) get(ctx context.Context, dest any, query string, args ...any) error {
+	st, err := s.stmt(ctx, query)
+	if err != nil {
+		return err
+	}
+	return st.GetContext(ctx, dest, args...)
+}
+
+// sel is SelectContext with query prepared.
+func (s *Store) sel(ctx context.Context, dest any, query string, args ...any) error {
+	st, err := s.stmt(ctx, query)
+	if err != nil {
+		return err
+	}
+	return st.SelectContext(ctx, dest, args...)
 }
 
 // Admitted is a command attempt handed to the queue.
@@ -66,7 +108,7 @@ func (s *Store) Insert(ctx context.Context, c *platform.Command) (stored *platfo
 		out := &platform.Command{}
 		// Inserts the command (skipping a used idempotency key) and its
 		// "queued" event; returns the stored command, or no row.
-		err := s.DB.GetContext(ctx, out, `WITH done AS (
+		err := s.get(ctx, out, `WITH done AS (
 				INSERT INTO commands (id, org_id, owner_id, agent_id, task, payload, priority, timeout_s, max_retries, idempotency_key, request_hash, schedule_id, fire_time)
 				VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)
 				ON CONFLICT DO NOTHING
@@ -108,7 +150,7 @@ func (s *Store) AdmitAgent(ctx context.Context, agentID string) ([]Admitted, err
 	var out []Admitted
 	// Admits the agent's waiting commands within its and its
 	// organization's limits; returns them with their timeouts.
-	err := s.DB.SelectContext(ctx, &out, `SELECT id, attempt, timeout_s
+	err := s.sel(ctx, &out, `SELECT id, attempt, timeout_s
 		FROM admit_commands($1, COALESCE((SELECT o.org_max_in_flight FROM organizations o JOIN agents g ON g.org_id = o.id WHERE g.id = $1), $2), $3)`,
 		agentID, s.Limits.OrgMaxInFlight, s.Limits.OrgMaxQueued)
 	return out, err
@@ -120,7 +162,7 @@ func (s *Store) AdmitOrg(ctx context.Context, orgID string) ([]Admitted, error) 
 	var out []Admitted
 	// Admits the waiting commands of the organization's agents within the
 	// limits; returns them with their timeouts.
-	err := s.DB.SelectContext(ctx, &out, `SELECT id, attempt, timeout_s
+	err := s.sel(ctx, &out, `SELECT id, attempt, timeout_s
 		FROM admit_org($1, COALESCE((SELECT o.org_max_in_flight FROM organizations o WHERE o.id = $1), $2), $3)`,
 		orgID, s.Limits.OrgMaxInFlight, s.Limits.OrgMaxQueued)
 	return out, err
@@ -148,7 +190,7 @@ func (s *Store) Claim(ctx context.Context, id string, attempt int, worker string
 	// records the event and makes the agent busy. Returns the command with
 	// the agent's config and environment id, and whether the agent has a
 	// backlog.
-	err := s.DB.GetContext(ctx, out, `WITH done AS (
+	err := s.get(ctx, out, `WITH done AS (
 			UPDATE commands SET status = 'running', attempt = $2, worker_id = $3, lease_until = now() + $4 * interval '1 millisecond',
 				started_at = COALESCE(started_at, now()), not_before = NULL, updated_at = now(), version = version + 1
 			WHERE id = $1 AND status = 'queued' AND attempt = $2 - 1 AND cancel_requested_at IS NULL AND admitted_at IS NOT NULL
@@ -217,7 +259,7 @@ func (s *Store) Finish(ctx context.Context, id string, attempt int, o Outcome) (
 	// command being cancelled ends it canceled); records the event and
 	// recomputes the agent's status. Returns the command, and whether its
 	// agent and its organization have a backlog.
-	err := s.DB.GetContext(ctx, out, `WITH done AS (
+	err := s.get(ctx, out, `WITH done AS (
 			UPDATE commands SET
 				status = CASE WHEN $3 = 'queued' AND cancel_requested_at IS NOT NULL THEN 'canceled' ELSE $3 END,
 				result = COALESCE($4::jsonb, result), error = COALESCE($5, error), failures = failures + $6,
@@ -254,7 +296,7 @@ func (s *Store) Progress(ctx context.Context, id string, attempt, percent int, m
 	var n int
 	// Updates the progress of the held attempt and records the event;
 	// returns how many commands changed (0 or 1).
-	err := s.DB.GetContext(ctx, &n, `WITH done AS (
+	err := s.get(ctx, &n, `WITH done AS (
 			UPDATE commands SET progress = $3, message = $4, updated_at = now()
 			WHERE id = $1 AND attempt = $2 AND status = 'running' RETURNING id, status, attempt, progress, message),
 		ev AS (INSERT INTO command_events (command_id, type, status, attempt, progress, message, data)
@@ -272,7 +314,7 @@ func (s *Store) Heartbeat(ctx context.Context, worker string, ids []string, leas
 	}
 	// Extends the leases the worker holds; returns each with whether it
 	// should stop.
-	err = s.DB.SelectContext(ctx, &rows, `UPDATE commands SET lease_until = now() + $3 * interval '1 millisecond'
+	err = s.sel(ctx, &rows, `UPDATE commands SET lease_until = now() + $3 * interval '1 millisecond'
 		WHERE id = ANY($2::uuid[]) AND worker_id = $1 AND status = 'running'
 		RETURNING id, cancel_requested_at IS NOT NULL AS cancel`, worker, pq.Array(ids), lease.Milliseconds())
 	for _, r := range rows {
