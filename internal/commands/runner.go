@@ -172,11 +172,11 @@ func (r *Runner) ProcessTask(ctx context.Context, t *asynq.Task) error {
 	}
 	r.Dispatcher.agentChanged(ctx, c.AgentID)
 	publishCommand(ctx, r.Dispatcher.Events, r.Logger, "command.running", &c.Command)
-	if c.AgentWaiting {
+	if c.OrgFull {
 		r.wg.Add(1)
 		go func() {
 			defer r.wg.Done()
-			r.Dispatcher.Admit(context.WithoutCancel(ctx), c.AgentID) // a queue slot of the organization freed
+			r.Dispatcher.AdmitOrg(context.WithoutCancel(ctx), c.OrgID) // a slot of the organization's queue freed
 		}()
 	}
 
@@ -332,14 +332,13 @@ func (r *Runner) finish(ctx context.Context, c *Claimed, o Outcome, ran time.Dur
 	if r.OnFinish != nil {
 		r.OnFinish(wctx, &done.Command)
 	}
-	// The agent's slot and one of its organization's freed: admit what
-	// waits for them (what is only on its way, its dispatcher admits).
-	admitted := 0
-	if done.AgentWaiting {
-		admitted = r.Dispatcher.Admit(wctx, done.AgentID)
-	}
-	if admitted == 0 && done.OrgWaiting {
+	// A slot of the agent and one of its organization freed: admit what
+	// waited for them.
+	switch {
+	case done.OrgFull:
 		r.Dispatcher.AdmitOrg(wctx, done.OrgID)
+	case done.AgentFull:
+		r.Dispatcher.Admit(wctx, done.AgentID)
 	}
 }
 

@@ -188,8 +188,8 @@ func (s *Store) Claim(ctx context.Context, id string, attempt int, worker string
 	out := &Claimed{}
 	// Fences the attempt: only a queued command at attempt-1 becomes running;
 	// records the event and makes the agent busy. Returns the command with
-	// the agent's config and environment id, and whether the agent has a
-	// backlog.
+	// the agent's config and environment id, and whether the slot it freed
+	// in the queue has a command to take it.
 	err := s.get(ctx, out, `WITH done AS (
 			UPDATE commands SET status = 'running', attempt = $2, worker_id = $3, lease_until = now() + $4 * interval '1 millisecond',
 				started_at = COALESCE(started_at, now()), not_before = NULL, updated_at = now(), version = version + 1
@@ -197,10 +197,9 @@ func (s *Store) Claim(ctx context.Context, id string, attempt int, worker string
 			RETURNING *),
 		ev AS (INSERT INTO command_events (command_id, type, status, attempt) SELECT id, 'running', status, attempt FROM done),
 		ag AS (UPDATE agents a SET status = 'busy', updated_at = now() FROM done d WHERE a.id = d.agent_id AND a.status NOT IN ('busy', 'disabled'))
-		SELECT done.*, g.config AS agent_config, g.environment_id AS agent_environment_id,
-			EXISTS (SELECT 1 FROM commands w WHERE w.agent_id = done.agent_id AND w.status = 'queued' AND w.admitted_at IS NULL) AS agent_waiting
+		SELECT done.*, g.config AS agent_config, g.environment_id AS agent_environment_id, `+orgQueuedFull+` AS org_full
 		FROM done JOIN agents g ON g.id = done.agent_id`,
-		id, attempt, worker, lease.Milliseconds())
+		id, attempt, worker, lease.Milliseconds(), s.Limits.OrgMaxQueued)
 	if errors.Is(err, sql.ErrNoRows) {
 		return nil, nil
 	}
@@ -212,9 +211,33 @@ type Claimed struct {
 	platform.Command
 	AgentConfig        platform.JSONObject `db:"agent_config"`
 	AgentEnvironmentID *string             `db:"agent_environment_id"`
-	// AgentWaiting tells that the agent has commands not yet admitted.
-	AgentWaiting bool `db:"agent_waiting"`
+	// OrgFull tells that the organization's queue was full and a command
+	// waits: the slot the claim freed is for it.
+	OrgFull bool `db:"org_full"`
 }
+
+// Whether the slots a change frees have a waiting command to take them:
+// the agent (or the organization) was at its limit, in the statement's
+// snapshot, which still shows the changed command as it was, and a command
+// waits. A command merely on its way (inserted, not yet admitted by its
+// own dispatch) does not make a worker admit: its dispatch does. done is
+// the changed command, g its agent, o its organization; $11 and $12 are the
+// default in-flight and queued limits ($5 the queued limit, in Claim).
+const (
+	agentFull = `(EXISTS (SELECT 1 FROM commands w WHERE w.agent_id = done.agent_id AND w.status = 'queued' AND w.admitted_at IS NULL)
+		AND (SELECT count(*) FROM (SELECT 1 FROM commands c WHERE c.org_id = done.org_id AND c.agent_id = done.agent_id
+			AND c.admitted_at IS NOT NULL AND c.status IN ('queued', 'running')
+			LIMIT GREATEST(COALESCE((g.config->>'max_concurrency')::integer, 1), 1)) x)
+			>= GREATEST(COALESCE((g.config->>'max_concurrency')::integer, 1), 1))`
+	orgFull = `(EXISTS (SELECT 1 FROM commands w WHERE w.org_id = done.org_id AND w.status = 'queued' AND w.admitted_at IS NULL)
+		AND ((SELECT count(*) FROM (SELECT 1 FROM commands c WHERE c.org_id = done.org_id AND c.admitted_at IS NOT NULL
+				AND c.status IN ('queued', 'running') LIMIT GREATEST(COALESCE(o.org_max_in_flight, $11), 0)) x) >= COALESCE(o.org_max_in_flight, $11)
+			OR (SELECT count(*) FROM (SELECT 1 FROM commands c WHERE c.org_id = done.org_id AND c.admitted_at IS NOT NULL
+				AND c.status = 'queued' LIMIT GREATEST($12::integer, 0)) y) >= $12))`
+	orgQueuedFull = `(EXISTS (SELECT 1 FROM commands w WHERE w.org_id = done.org_id AND w.status = 'queued' AND w.admitted_at IS NULL)
+		AND (SELECT count(*) FROM (SELECT 1 FROM commands c WHERE c.org_id = done.org_id AND c.admitted_at IS NOT NULL
+			AND c.status = 'queued' LIMIT GREATEST($5::integer, 0)) y) >= $5)`
+)
 
 // Outcome is how an attempt ended.
 type Outcome struct {
@@ -235,10 +258,10 @@ type Outcome struct {
 // Finished is a command whose attempt ended.
 type Finished struct {
 	platform.Command
-	// AgentWaiting and OrgWaiting tell that the agent, or its organization,
-	// has commands not yet admitted.
-	AgentWaiting bool `db:"agent_waiting"`
-	OrgWaiting   bool `db:"org_waiting"`
+	// AgentFull and OrgFull tell that the agent, or its organization, was
+	// at its limit and a command waits: the slot the outcome freed is for it.
+	AgentFull bool `db:"agent_full"`
+	OrgFull   bool `db:"org_full"`
 }
 
 // Finish records the outcome of the attempt a worker holds. It returns nil
@@ -257,8 +280,8 @@ func (s *Store) Finish(ctx context.Context, id string, attempt int, o Outcome) (
 	out := &Finished{}
 	// Writes the outcome only for the attempt the worker holds (a retry of a
 	// command being cancelled ends it canceled); records the event and
-	// recomputes the agent's status. Returns the command, and whether its
-	// agent and its organization have a backlog.
+	// recomputes the agent's status. Returns the command, and whether the
+	// slots it freed have a command to take them.
 	err := s.get(ctx, out, `WITH done AS (
 			UPDATE commands SET
 				status = CASE WHEN $3 = 'queued' AND cancel_requested_at IS NOT NULL THEN 'canceled' ELSE $3 END,
@@ -273,11 +296,10 @@ func (s *Store) Finish(ctx context.Context, id string, attempt int, o Outcome) (
 		ev AS (INSERT INTO command_events (command_id, type, status, attempt, progress, message, data)
 			SELECT id, CASE WHEN status <> $3 THEN status ELSE $8 END, status, attempt, progress, COALESCE(error, ''), result FROM done),
 		`+agentStatus+`
-		SELECT done.*,
-			EXISTS (SELECT 1 FROM commands w WHERE w.agent_id = done.agent_id AND w.status = 'queued' AND w.admitted_at IS NULL) AS agent_waiting,
-			EXISTS (SELECT 1 FROM commands w WHERE w.org_id = done.org_id AND w.status = 'queued' AND w.admitted_at IS NULL) AS org_waiting
-		FROM done`,
-		id, attempt, o.Status, result, o.Error, failed, o.NotBefore, o.Event, o.Progress, o.Message)
+		SELECT done.*, `+agentFull+` AS agent_full, `+orgFull+` AS org_full
+		FROM done JOIN agents g ON g.id = done.agent_id JOIN organizations o ON o.id = done.org_id`,
+		id, attempt, o.Status, result, o.Error, failed, o.NotBefore, o.Event, o.Progress, o.Message,
+		s.Limits.OrgMaxInFlight, s.Limits.OrgMaxQueued)
 	if errors.Is(err, sql.ErrNoRows) {
 		return nil, nil
 	}
