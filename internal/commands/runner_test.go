@@ -356,10 +356,10 @@ func TestRunnerStaleTask(t *testing.T) {
 func TestRunnerAdmitsWhatWaited(t *testing.T) {
 	t.Parallel()
 	cases := []struct {
-		name    string
-		limits  Limits
+		name      string
+		limits    Limits
 		sameAgent bool // both commands of one agent (else of two)
-		max     int  // the agents' max_concurrency
+		max       int  // the agents' max_concurrency
 		// blocked: the second command waits, held back by the limits;
 		// else it is inserted after the admission (on its way).
 		blocked   bool
