@@ -131,6 +131,9 @@ func (d *Dispatcher) Dispatch(ctx context.Context, p *platform.Principal, agent 
 	if d.Metrics != nil {
 		d.Metrics.Dispatched(stored.Task)
 	}
+	// The command is stored: admit it even if the caller has gone, or it
+	// would wait for the reconciler.
+	ctx = context.WithoutCancel(ctx)
 	d.Publish(ctx, "command.queued", stored)
 	d.Admit(ctx, stored.AgentID)
 	return stored, true, nil
@@ -193,6 +196,7 @@ func (d *Dispatcher) Cancel(ctx context.Context, c *platform.Command) (*platform
 	if err != nil {
 		return nil, err
 	}
+	ctx = context.WithoutCancel(ctx) // done: tell the worker and admit what it freed, whoever waits
 	if out == nil {
 		return nil, platform.Errorf(platform.ECONFLICT, "the command already ended")
 	}
@@ -221,6 +225,7 @@ func (d *Dispatcher) Retry(ctx context.Context, c *platform.Command) (*platform.
 	if err != nil {
 		return nil, err
 	}
+	ctx = context.WithoutCancel(ctx) // re-queued: admit it even if the caller has gone
 	if out == nil {
 		return nil, platform.Errorf(platform.ECONFLICT, "the command is no longer failed")
 	}

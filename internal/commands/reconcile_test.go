@@ -229,3 +229,34 @@ func TestReconcilerTakesBackTasksOfDeadWorkers(t *testing.T) {
 		t.Fatalf("want one task left active, got %d", n)
 	}
 }
+
+// cancelOnDispatch cancels the dispatch's context once the command is
+// stored: the caller hung up.
+type cancelOnDispatch struct{ cancel context.CancelFunc }
+
+func (m cancelOnDispatch) Dispatched(string)                      { m.cancel() }
+func (m cancelOnDispatch) Started(string, time.Duration)          {}
+func (m cancelOnDispatch) Finished(string, string, time.Duration) {}
+func (m cancelOnDispatch) Retried(string)                         {}
+func (m cancelOnDispatch) Ended(string, string)                   {}
+
+// A caller that hangs up once its command is stored does not leave it
+// waiting for the reconciler: it is admitted and queued all the same.
+func TestDispatchAdmitsAfterTheCallerLeft(t *testing.T) {
+	t.Parallel()
+	f := newFixture(t, Limits{100, 100})
+	d := f.dispatcher()
+	ctx, cancel := context.WithCancel(context.Background())
+	d.Metrics = cancelOnDispatch{cancel}
+	agent := &platform.Agent{Base: platform.Base{ID: f.newAgent(f.org, nil), OrgID: f.org}, Status: "idle", Config: platform.JSONObject{}}
+	c, created, err := d.Dispatch(ctx, &platform.Principal{ID: f.user}, agent, Request{Task: "agent:echo", Payload: []byte(`{"message":"x"}`)}, "")
+	if err != nil || !created {
+		t.Fatalf("dispatch: %v (created %v)", err, created)
+	}
+	if ctx.Err() == nil {
+		t.Fatal("the test's caller did not hang up")
+	}
+	if f.get(c.ID).AdmittedAt == nil || f.taskState(d, c.ID, 1) != "pending" {
+		t.Fatal("want the command admitted and queued though its caller left")
+	}
+}

@@ -12,7 +12,8 @@ import (
 
 // snapshot is what the explanation compares before and after a run.
 type snapshot struct {
-	cpu      map[string]time.Duration // by process: api, worker, postgres (all backends), redis
+	cpu      map[string]time.Duration // by process: api, worker, redis (the whole server)
+	backends map[int]time.Duration    // the stack's PostgreSQL backends, by pid
 	xacts    int64                    // committed PostgreSQL transactions of the database
 	tuples   map[string][2]int64      // per table of the schema: inserted, updated
 	redis    int64                    // Redis commands served
@@ -23,7 +24,12 @@ func (e *env) snapshot(ctx context.Context) snapshot {
 	s := snapshot{cpu: map[string]time.Duration{}, tuples: map[string][2]int64{}}
 	s.cpu["api"] = cpuOf(e.api.cmd.Process.Pid)
 	s.cpu["worker"] = cpuOf(e.worker.cmd.Process.Pid)
-	s.cpu["postgres"] = cpuOfComm("postgres")
+	var pids []int
+	_ = e.db.SelectContext(ctx, &pids, `SELECT pid FROM pg_stat_activity WHERE application_name = $1`, e.app)
+	s.backends = map[int]time.Duration{}
+	for _, pid := range pids {
+		s.backends[pid] = cpuOf(pid)
+	}
 	s.cpu["redis"] = cpuOfComm("redis-server")
 	_ = e.db.GetContext(ctx, &s.xacts, `SELECT xact_commit FROM pg_stat_database WHERE datname = current_database()`)
 	var rows []struct {
@@ -48,18 +54,23 @@ func (e *env) snapshot(ctx context.Context) snapshot {
 	return s
 }
 
-// explain prints where the pipeline's time went in the throughput run.
-func explain(e *env, o options, before, after snapshot, ours, bare latency) {
+// explain prints where the pipeline's time went between two snapshots.
+func explain(e *env, run string, before, after snapshot) {
 	n := float64(after.commands - before.commands)
 	if n <= 0 {
 		return
 	}
-	fmt.Printf("\nwhere the time goes (throughput run, %d commands, shared machine counters):\n", int(n))
+	fmt.Printf("\nwhere the time goes (%s, %d commands; redis counters are the whole server's):\n", run, int(n))
+	// Backends that lived through the run (a pool keeps them).
+	var pg time.Duration
+	for pid, cpu := range after.backends {
+		pg += cpu - before.backends[pid]
+	}
+	after.cpu["postgres"] = pg
 	for _, name := range []string{"api", "worker", "postgres", "redis"} {
 		d := after.cpu[name] - before.cpu[name]
-		fmt.Printf("  cpu %-9s %7.1f ms per 1000 commands\n", name, float64(d.Milliseconds())/n*1000)
+		fmt.Printf("  cpu %-9s %7.1f ms per 1000 commands\n", name, float64(d.Microseconds())/n)
 	}
-	fmt.Printf("  postgres transactions per command: %.1f (whole database, includes other clients)\n", float64(after.xacts-before.xacts)/n)
 	for table, a := range after.tuples {
 		b := before.tuples[table]
 		ins, upd := float64(a[0]-b[0])/n, float64(a[1]-b[1])/n
@@ -68,9 +79,6 @@ func explain(e *env, o options, before, after snapshot, ours, bare latency) {
 		}
 	}
 	fmt.Printf("  redis commands per command: %.1f (whole server)\n", float64(after.redis-before.redis)/n)
-	fmt.Printf("  latency at %d/s (achieved %.0f/s): p50 %s p99 %s; bare asynq p50 %s p99 %s\n",
-		o.rate, ours.achieved, ours.p50.Round(10*time.Microsecond), ours.p99.Round(10*time.Microsecond),
-		bare.p50.Round(10*time.Microsecond), bare.p99.Round(10*time.Microsecond))
 }
 
 // clockTick is USER_HZ, 100 on Linux.

@@ -67,6 +67,8 @@ type options struct {
 	duration    time.Duration
 	explain     bool
 	verbose     bool
+	pgOptions   string
+	keep        bool
 }
 
 func main() {
@@ -83,6 +85,8 @@ func main() {
 	flag.DurationVar(&o.duration, "duration", durationEnv("BENCH_DURATION", 10*time.Second), "length of the latency runs")
 	flag.BoolVar(&o.explain, "explain", false, "also print where the pipeline's time goes")
 	flag.BoolVar(&o.verbose, "v", false, "print progress and the binaries' logs on failure")
+	flag.BoolVar(&o.keep, "keep", false, "on failure, leave the stack running and its schema in place, for a look")
+	flag.StringVar(&o.pgOptions, "pgoptions", "", `PostgreSQL options of the stack's sessions, such as "-c session_preload_libraries=auto_explain -c auto_explain.log_min_duration=0"`)
 	flag.Parse()
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
@@ -92,9 +96,15 @@ func main() {
 	}
 }
 
-func run(ctx context.Context, o options) error {
+func run(ctx context.Context, o options) (err error) {
 	env, cleanup, err := prepare(ctx, o)
-	defer cleanup()
+	defer func() {
+		if err != nil && o.keep && env != nil {
+			fmt.Fprintf(os.Stderr, "kept: schema %s, redis prefix %s, api %s; interrupt to clean up\n", env.app, env.prefix, env.base)
+			<-ctx.Done()
+		}
+		cleanup()
+	}()
 	if err != nil {
 		return err
 	}
@@ -118,16 +128,22 @@ func run(ctx context.Context, o options) error {
 	if err != nil {
 		return fmt.Errorf("bare asynq latency: %w", err)
 	}
+	latBefore := env.snapshot(ctx)
 	ourLat, err := pipelineLatency(ctx, env, o)
 	if err != nil {
 		return fmt.Errorf("pipeline latency: %w", err)
 	}
+	latAfter := env.snapshot(ctx)
 
 	line("pipeline_throughput", ours, "cmd/s", "bare_asynq", bare, "tasks/s")
 	line("dispatch_to_start_p50", ms(ourLat.p50), "ms", "bare_asynq_p50", ms(bareLat.p50), "ms")
 	line("dispatch_to_start_p99", ms(ourLat.p99), "ms", "bare_asynq_p99", ms(bareLat.p99), "ms")
 	if o.explain {
-		explain(env, o, before, after, ourLat, bareLat)
+		explain(env, "throughput run", before, after)
+		explain(env, fmt.Sprintf("latency run, %d/s", o.rate), latBefore, latAfter)
+		fmt.Printf("  latency at %d/s (achieved %.0f/s): p50 %s p99 %s; bare asynq p50 %s p99 %s\n",
+			o.rate, ourLat.achieved, ourLat.p50.Round(10*time.Microsecond), ourLat.p99.Round(10*time.Microsecond),
+			bareLat.p50.Round(10*time.Microsecond), bareLat.p99.Round(10*time.Microsecond))
 	}
 	return nil
 }
@@ -164,6 +180,7 @@ type env struct {
 	org     string
 	agents  []string
 	verbose bool
+	app     string // the application_name of the stack's database sessions
 }
 
 func (e *env) logf(format string, args ...any) {
@@ -217,8 +234,13 @@ func prepare(ctx context.Context, o options) (*env, func(), error) {
 	}
 	q := u.Query()
 	q.Set("search_path", schema)
+	q.Set("application_name", schema) // finds the stack's backends for -explain
+	if o.pgOptions != "" {
+		q.Set("options", o.pgOptions)
+	}
 	u.RawQuery = q.Encode()
 	dsn := u.String()
+	e.app = schema
 	e.db, err = postgres.Open(ctx, dsn, postgres.PoolOptions{MaxOpenConns: 4, MaxIdleConns: 4})
 	if err != nil {
 		return nil, cleanup, err
