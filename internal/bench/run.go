@@ -193,6 +193,8 @@ func run(ctx context.Context, o options) error {
 	if err != nil {
 		return err
 	}
+	var once sync.Once
+	cleanup = func(f func()) func() { return func() { once.Do(f) } }(cleanup)
 	defer cleanup()
 	fmt.Fprintf(os.Stderr, "bench: %d agents in one organization; each measurement runs %s\n", len(env.ids), o.duration)
 
@@ -253,7 +255,63 @@ func run(ctx context.Context, o options) error {
 		line("crud_list_total_50k", f.rps, "req/s", "gin_sqlx", (b.rps+b2.rps)/2, "req/s")
 		checkErrors(b, f)
 	}
+	bare.stop()
+	barePrep.stop()
+	fw.stop()
+	cleanup()
+
+	// The sub-benchmarks print their own BENCH lines.
+	subs := []struct {
+		name string
+		args []string
+	}{
+		{"pipeline", []string{"run", "./internal/bench/pipeline", "-bin", tmp}},
+		{"ws", []string{"run", "./internal/bench/wsload", "-bin", tmp}},
+		{"instantiate", []string{"test", "-run", "^$", "-bench", "^(BenchmarkInstantiate5Deep|BenchmarkPlainCreate)$", "-benchtime", "3s", "./internal/e2e/"}},
+	}
+	for _, sub := range subs {
+		if !want(sub.name) {
+			continue
+		}
+		fmt.Fprintf(os.Stderr, "bench: %s\n", sub.name)
+		cmd := exec.CommandContext(ctx, "go", sub.args...)
+		cmd.Stderr = os.Stderr
+		out, err := cmd.Output()
+		if err != nil {
+			fmt.Fprintf(os.Stderr, "bench: %s failed: %v\n%s", sub.name, err, out)
+			continue
+		}
+		if sub.name == "instantiate" {
+			instantiateLine(string(out))
+			continue
+		}
+		for _, l := range strings.Split(string(out), "\n") {
+			if strings.HasPrefix(l, "BENCH ") {
+				fmt.Println(l)
+			}
+		}
+	}
 	return nil
+}
+
+// instantiateLine turns the template benchmarks' ns/op into a comparison.
+func instantiateLine(out string) {
+	nsop := map[string]float64{}
+	for _, l := range strings.Split(out, "\n") {
+		f := strings.Fields(l)
+		if len(f) >= 4 && strings.HasPrefix(f[0], "Benchmark") && f[3] == "ns/op" {
+			name := strings.SplitN(strings.TrimPrefix(f[0], "Benchmark"), "-", 2)[0]
+			if v, err := strconv.ParseFloat(f[2], 64); err == nil {
+				nsop[name] = v
+			}
+		}
+	}
+	inst, plain := nsop["Instantiate5Deep"], nsop["PlainCreate"]
+	if inst == 0 || plain == 0 {
+		fmt.Fprintf(os.Stderr, "bench: instantiate: no figures in\n%s", out)
+		return
+	}
+	line("instantiate_5_deep", inst/1e6, "ms", "plain_create", plain/1e6, "ms")
 }
 
 func checkErrors(rs ...result) {
