@@ -161,6 +161,10 @@ RETURNS TABLE (id uuid, attempt integer, timeout_s integer) LANGUAGE plpgsql AS 
 DECLARE
     v_agent uuid;
 BEGIN
+    -- Nothing waits (the common case): done, without a lock.
+    IF NOT EXISTS (SELECT 1 FROM commands w WHERE w.org_id = p_org AND w.status = 'queued' AND w.admitted_at IS NULL) THEN
+        RETURN;
+    END IF;
     PERFORM set_config('synchronous_commit', 'off', true);
     PERFORM pg_advisory_xact_lock(hashtextextended('agentry:admit:' || p_org::text, 0));
     FOR v_agent IN

@@ -291,7 +291,7 @@ func cleanError(err error) string {
 // publishes it, re-enqueues a retry and admits the agent's next command.
 func (r *Runner) finish(ctx context.Context, c *Claimed, o Outcome, ran time.Duration) {
 	wctx := context.WithoutCancel(ctx)
-	var done *Finished
+	var done *platform.Command
 	err := retryDB(wctx, 30*time.Second, func() error {
 		var err error
 		done, err = r.store().Finish(wctx, c.ID, c.Attempt, o)
@@ -318,7 +318,7 @@ func (r *Runner) finish(ctx context.Context, c *Claimed, o Outcome, ran time.Dur
 		}
 	}
 	r.Dispatcher.agentChanged(wctx, done.AgentID)
-	publishCommand(wctx, r.Dispatcher.Events, r.Logger, "command."+o.Event, &done.Command)
+	publishCommand(wctx, r.Dispatcher.Events, r.Logger, "command."+o.Event, done)
 	if done.Status == platform.CommandQueued {
 		var delay time.Duration
 		if o.NotBefore != nil {
@@ -330,16 +330,13 @@ func (r *Runner) finish(ctx context.Context, c *Claimed, o Outcome, ran time.Dur
 		return
 	}
 	if r.OnFinish != nil {
-		r.OnFinish(wctx, &done.Command)
+		r.OnFinish(wctx, done)
 	}
 	// A slot of the agent and one of its organization freed: admit what
-	// waited for them.
-	switch {
-	case done.OrgFull:
-		r.Dispatcher.AdmitOrg(wctx, done.OrgID)
-	case done.AgentFull:
-		r.Dispatcher.Admit(wctx, done.AgentID)
-	}
+	// waits for them, seen now that the outcome is committed (a dispatch
+	// that found the agent full just before is not missed). Without a
+	// backlog this is one cheap query.
+	r.Dispatcher.AdmitOrg(wctx, done.OrgID)
 }
 
 // retryDB runs fn until it succeeds, or fails with anything but an

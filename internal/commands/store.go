@@ -216,28 +216,15 @@ type Claimed struct {
 	OrgFull bool `db:"org_full"`
 }
 
-// Whether the slots a change frees have a waiting command to take them:
-// the agent (or the organization) was at its limit, in the statement's
-// snapshot, which still shows the changed command as it was, and a command
-// waits. A command merely on its way (inserted, not yet admitted by its
-// own dispatch) does not make a worker admit: its dispatch does. done is
-// the changed command, g its agent, o its organization; $11 and $12 are the
-// default in-flight and queued limits ($5 the queued limit, in Claim).
-const (
-	agentFull = `(EXISTS (SELECT 1 FROM commands w WHERE w.agent_id = done.agent_id AND w.status = 'queued' AND w.admitted_at IS NULL)
-		AND (SELECT count(*) FROM (SELECT 1 FROM commands c WHERE c.org_id = done.org_id AND c.agent_id = done.agent_id
-			AND c.admitted_at IS NOT NULL AND c.status IN ('queued', 'running')
-			LIMIT GREATEST(COALESCE((g.config->>'max_concurrency')::integer, 1), 1)) x)
-			>= GREATEST(COALESCE((g.config->>'max_concurrency')::integer, 1), 1))`
-	orgFull = `(EXISTS (SELECT 1 FROM commands w WHERE w.org_id = done.org_id AND w.status = 'queued' AND w.admitted_at IS NULL)
-		AND ((SELECT count(*) FROM (SELECT 1 FROM commands c WHERE c.org_id = done.org_id AND c.admitted_at IS NOT NULL
-				AND c.status IN ('queued', 'running') LIMIT GREATEST(COALESCE(o.org_max_in_flight, $11), 0)) x) >= COALESCE(o.org_max_in_flight, $11)
-			OR (SELECT count(*) FROM (SELECT 1 FROM commands c WHERE c.org_id = done.org_id AND c.admitted_at IS NOT NULL
-				AND c.status = 'queued' LIMIT GREATEST($12::integer, 0)) y) >= $12))`
-	orgQueuedFull = `(EXISTS (SELECT 1 FROM commands w WHERE w.org_id = done.org_id AND w.status = 'queued' AND w.admitted_at IS NULL)
-		AND (SELECT count(*) FROM (SELECT 1 FROM commands c WHERE c.org_id = done.org_id AND c.admitted_at IS NOT NULL
-			AND c.status = 'queued' LIMIT GREATEST($5::integer, 0)) y) >= $5)`
-)
+// orgQueuedFull tells whether the organization's queue was full ($5 its
+// limit), in the claim's snapshot, which still shows the claimed command
+// queued, and a command waits: the slot the claim freed is for it. A
+// command merely on its way (inserted, its own dispatch not yet admitting
+// it) does not count. The snapshot may miss a command its dispatch found
+// the queue full for just now; the claimed command's finish admits it.
+const orgQueuedFull = `(EXISTS (SELECT 1 FROM commands w WHERE w.org_id = done.org_id AND w.status = 'queued' AND w.admitted_at IS NULL)
+	AND (SELECT count(*) FROM (SELECT 1 FROM commands c WHERE c.org_id = done.org_id AND c.admitted_at IS NOT NULL
+		AND c.status = 'queued' LIMIT GREATEST($5::integer, 0)) y) >= $5)`
 
 // Outcome is how an attempt ended.
 type Outcome struct {
@@ -255,20 +242,11 @@ type Outcome struct {
 	NotBefore *time.Time
 }
 
-// Finished is a command whose attempt ended.
-type Finished struct {
-	platform.Command
-	// AgentFull and OrgFull tell that the agent, or its organization, was
-	// at its limit and a command waits: the slot the outcome freed is for it.
-	AgentFull bool `db:"agent_full"`
-	OrgFull   bool `db:"org_full"`
-}
-
 // Finish records the outcome of the attempt a worker holds. It returns nil
 // when the worker no longer holds it (the fence: a stale worker's late
 // write is refused). A command whose cancellation was asked is never
 // retried nor handed back: such an outcome ends it canceled.
-func (s *Store) Finish(ctx context.Context, id string, attempt int, o Outcome) (*Finished, error) {
+func (s *Store) Finish(ctx context.Context, id string, attempt int, o Outcome) (*platform.Command, error) {
 	failed := 0
 	if o.Failed {
 		failed = 1
@@ -277,11 +255,10 @@ func (s *Store) Finish(ctx context.Context, id string, attempt int, o Outcome) (
 	if o.Result != nil {
 		result = string(o.Result)
 	}
-	out := &Finished{}
+	out := &platform.Command{}
 	// Writes the outcome only for the attempt the worker holds (a retry of a
 	// command being cancelled ends it canceled); records the event and
-	// recomputes the agent's status. Returns the command, and whether the
-	// slots it freed have a command to take them.
+	// recomputes the agent's status. Returns the command.
 	err := s.get(ctx, out, `WITH done AS (
 			UPDATE commands SET
 				status = CASE WHEN $3 = 'queued' AND cancel_requested_at IS NOT NULL THEN 'canceled' ELSE $3 END,
@@ -296,10 +273,8 @@ func (s *Store) Finish(ctx context.Context, id string, attempt int, o Outcome) (
 		ev AS (INSERT INTO command_events (command_id, type, status, attempt, progress, message, data)
 			SELECT id, CASE WHEN status <> $3 THEN status ELSE $8 END, status, attempt, progress, COALESCE(error, ''), result FROM done),
 		`+agentStatus+`
-		SELECT done.*, `+agentFull+` AS agent_full, `+orgFull+` AS org_full
-		FROM done JOIN agents g ON g.id = done.agent_id JOIN organizations o ON o.id = done.org_id`,
-		id, attempt, o.Status, result, o.Error, failed, o.NotBefore, o.Event, o.Progress, o.Message,
-		s.Limits.OrgMaxInFlight, s.Limits.OrgMaxQueued)
+		SELECT * FROM done`,
+		id, attempt, o.Status, result, o.Error, failed, o.NotBefore, o.Event, o.Progress, o.Message)
 	if errors.Is(err, sql.ErrNoRows) {
 		return nil, nil
 	}
