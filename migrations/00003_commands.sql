@@ -152,14 +152,21 @@ $$;
 -- +goose StatementEnd
 
 -- admit_org admits what it can of the backlogs of an organization's agents
--- (at most 200 of them, oldest waiting command first) in one transaction,
--- under the organization's admission lock taken once. Takes the
--- organization and its two limits; returns what admit_commands returns.
+-- (at most 200 of them, the one whose command waited longest first) in one
+-- transaction, under the organization's admission lock taken once, with
+-- the organization's counts made once. The same limits as admit_commands.
+-- Takes the organization and its two limits; returns what admit_commands
+-- returns.
 -- +goose StatementBegin
 CREATE OR REPLACE FUNCTION admit_org(p_org uuid, p_org_limit integer, p_org_queued integer)
 RETURNS TABLE (id uuid, attempt integer, timeout_s integer) LANGUAGE plpgsql AS $$
 DECLARE
-    v_agent uuid;
+    v_agent record;
+    v_org_busy integer;
+    v_org_waiting integer;
+    v_agent_busy integer;
+    v_free integer;
+    v_n integer;
 BEGIN
     -- Nothing waits (the common case): done, without a lock.
     IF NOT EXISTS (SELECT 1 FROM commands w WHERE w.org_id = p_org AND w.status = 'queued' AND w.admitted_at IS NULL) THEN
@@ -167,12 +174,36 @@ BEGIN
     END IF;
     PERFORM set_config('synchronous_commit', 'off', true);
     PERFORM pg_advisory_xact_lock(hashtextextended('agentry:admit:' || p_org::text, 0));
+    SELECT count(*) INTO v_org_busy FROM (SELECT 1 FROM commands c
+     WHERE c.org_id = p_org AND c.admitted_at IS NOT NULL AND c.status IN ('queued', 'running') LIMIT GREATEST(p_org_limit, 0)) busy;
+    SELECT count(*) INTO v_org_waiting FROM (SELECT 1 FROM commands c
+     WHERE c.org_id = p_org AND c.admitted_at IS NOT NULL AND c.status = 'queued' LIMIT GREATEST(p_org_queued, 0)) waiting;
     FOR v_agent IN
-        SELECT w.agent_id FROM commands w
-         WHERE w.org_id = p_org AND w.status = 'queued' AND w.admitted_at IS NULL
-         GROUP BY w.agent_id ORDER BY min(w.created_at) LIMIT 200
+        SELECT g.id, GREATEST(COALESCE((g.config->>'max_concurrency')::integer, 1), 1) AS max
+          FROM (SELECT w.agent_id, min(w.created_at) AS since FROM commands w
+                 WHERE w.org_id = p_org AND w.status = 'queued' AND w.admitted_at IS NULL
+                 GROUP BY w.agent_id ORDER BY since LIMIT 200) b
+          JOIN agents g ON g.id = b.agent_id
+         WHERE g.status <> 'disabled'
+         ORDER BY b.since
     LOOP
-        RETURN QUERY SELECT * FROM admit_commands(v_agent, p_org_limit, p_org_queued);
+        v_free := LEAST(p_org_limit - v_org_busy, p_org_queued - v_org_waiting);
+        EXIT WHEN v_free <= 0;
+        SELECT count(*) INTO v_agent_busy FROM (SELECT 1 FROM commands c
+         WHERE c.org_id = p_org AND c.agent_id = v_agent.id AND c.admitted_at IS NOT NULL AND c.status IN ('queued', 'running') LIMIT v_agent.max) busy;
+        v_free := LEAST(v_free, v_agent.max - v_agent_busy);
+        CONTINUE WHEN v_free <= 0;
+        RETURN QUERY
+        UPDATE commands c SET admitted_at = now(), updated_at = now()
+         WHERE c.id IN (SELECT w.id FROM commands w
+                         WHERE w.agent_id = v_agent.id AND w.status = 'queued' AND w.admitted_at IS NULL
+                         ORDER BY w.priority DESC, w.created_at, w.id
+                         LIMIT v_free
+                         FOR NO KEY UPDATE SKIP LOCKED)
+        RETURNING c.id, c.attempt, c.timeout_s;
+        GET DIAGNOSTICS v_n = ROW_COUNT;
+        v_org_busy := v_org_busy + v_n;
+        v_org_waiting := v_org_waiting + v_n;
     END LOOP;
 END;
 $$;

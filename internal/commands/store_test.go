@@ -630,6 +630,10 @@ func TestAdmitOrg(t *testing.T) {
 			f.exec(`UPDATE commands SET created_at = now() - $2 * interval '1 second' WHERE id = $1`, c.ID, 100*i+10-j)
 		}
 	}
+	disabled := f.newAgent(f.org, map[string]any{"max_concurrency": 2})
+	old := f.insert(f.org, disabled, nil)
+	f.exec(`UPDATE commands SET created_at = now() - interval '1 hour' WHERE id = $1`, old.ID)
+	f.exec(`UPDATE agents SET status = 'disabled' WHERE id = $1`, disabled)
 	otherOrg, _ := f.newOrg()
 	elsewhere := f.insert(otherOrg, f.newAgent(otherOrg, nil), nil)
 
@@ -649,6 +653,9 @@ func TestAdmitOrg(t *testing.T) {
 	}
 	if per[agents[2]] != 2 || per[agents[1]] != 2 || per[agents[0]] != 0 {
 		t.Fatalf("want the two agents with the oldest backlog admitted up to max_concurrency, got %v", per)
+	}
+	if f.get(old.ID).AdmittedAt != nil {
+		t.Fatal("a disabled agent's command was admitted")
 	}
 	if f.get(elsewhere.ID).AdmittedAt != nil {
 		t.Fatal("another organization's command was admitted")
