@@ -272,8 +272,10 @@ func (s *Server) scheduleRoutes(d Deps, res *Resources) {
 			sc.Enabled = *in.Enabled
 		}
 		var bad []platform.FieldError
-		next, err := schedule.Next(sc.Cron, sc.Timezone, time.Now())
-		if err != nil {
+		var next time.Time
+		if loc, err := time.LoadLocation(sc.Timezone); err != nil || sc.Timezone == "Local" || loc == nil {
+			bad = append(bad, platform.FieldError{Field: "body.timezone", Message: "unknown time zone; use an IANA name such as Europe/Paris or UTC"})
+		} else if next, err = schedule.Next(sc.Cron, sc.Timezone, time.Now()); err != nil {
 			bad = append(bad, platform.FieldError{Field: "body.cron", Message: err.Error()})
 		}
 		raw, _ := json.Marshal(map[string]any(sc.Payload))

@@ -121,11 +121,15 @@ func Redis(t testing.TB) (*redis.Client, string) {
 	t.Cleanup(func() {
 		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 		defer cancel()
-		iter := rdb.Scan(ctx, 0, prefix+"*", 1000).Iterator()
+		// The prefix's own keys, and the Asynq keys of its queue.
 		var keys []string
-		for iter.Next(ctx) {
-			keys = append(keys, iter.Val())
+		for _, pattern := range []string{prefix + "*", "asynq:{" + prefix + "-commands}*"} {
+			iter := rdb.Scan(ctx, 0, pattern, 1000).Iterator()
+			for iter.Next(ctx) {
+				keys = append(keys, iter.Val())
+			}
 		}
+		rdb.SRem(ctx, "asynq:queues", prefix+"-commands")
 		for len(keys) > 0 {
 			n := min(len(keys), 500)
 			rdb.Del(ctx, keys[:n]...)
