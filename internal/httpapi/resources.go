@@ -199,6 +199,7 @@ func (s *Server) resourceRoutes(d Deps) *Resources {
 			}
 		}
 		delete(body, "params")
+		ctx = templates.WithResolution(ctx, resolution) // resolved once for the request
 		created, err := kind.Instantiate(ctx, templates.InstantiateRequest{TemplateID: t.ID, Fields: body, Overrides: overrides})
 		if err != nil {
 			return nil, err

@@ -225,10 +225,22 @@ type Service struct {
 	Kinds  *Kinds
 }
 
+type resolutionKey struct{}
+
+// WithResolution returns ctx carrying a resolution the caller already made
+// (and checked access for), so that Resolve of the same template in the
+// same request does not read the chain again.
+func WithResolution(ctx context.Context, r *Resolution) context.Context {
+	return context.WithValue(ctx, resolutionKey{}, r)
+}
+
 // Resolve loads the chain of template id, every template of which the
 // caller must be able to read (else ENOTFOUND), and merges it. One query
 // reads the whole chain.
 func (s *Service) Resolve(ctx context.Context, id string) (*Resolution, error) {
+	if r, ok := ctx.Value(resolutionKey{}).(*Resolution); ok && len(r.Chain) > 0 && r.Chain[len(r.Chain)-1].ID == id {
+		return r, nil
+	}
 	rows, _, err := s.Handle.Query(ctx, crud.ActionRead, func(cols, entries string, args *sqlq.Args) string {
 		// Walks from the template up its parents, at most MaxDepth+1 deep (to see a chain too long).
 		return `WITH RECURSIVE chain AS (
