@@ -35,10 +35,6 @@ type command struct {
 	CancelRequestedAt *time.Time      `json:"cancel_requested_at"`
 }
 
-func (c *command) terminal() bool {
-	return c.Status == "succeeded" || c.Status == "failed" || c.Status == "canceled"
-}
-
 func (c *command) errorText() string {
 	if c.Error == nil {
 		return ""

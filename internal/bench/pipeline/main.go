@@ -261,7 +261,7 @@ func prepare(ctx context.Context, o options) (*env, func(), error) {
 	ropts.PoolSize = 4 * o.clients
 	e.rdb = redis.NewClient(ropts)
 	if err := e.rdb.Ping(ctx).Err(); err != nil {
-		return nil, cleanup, fmt.Errorf("Redis at %s: %w", o.redis, err)
+		return nil, cleanup, fmt.Errorf("redis at %s: %w", o.redis, err)
 	}
 	cleanups = append(cleanups, func() {
 		ctx := context.Background()
