@@ -136,7 +136,7 @@ func (f *fixture) finish(id string, attempt int, o Outcome) *platform.Command {
 	if err != nil || c == nil {
 		f.t.Fatalf("finish %s: want it recorded, got %v, err %v", TaskID(id, attempt), c, err)
 	}
-	return c
+	return &c.Command
 }
 
 // eventTypes lists a command's event types, oldest first.

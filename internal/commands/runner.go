@@ -291,7 +291,7 @@ func cleanError(err error) string {
 // publishes it, re-enqueues a retry and admits the agent's next command.
 func (r *Runner) finish(ctx context.Context, c *Claimed, o Outcome, ran time.Duration) {
 	wctx := context.WithoutCancel(ctx)
-	var done *platform.Command
+	var done *Finished
 	err := retryDB(wctx, 30*time.Second, func() error {
 		var err error
 		done, err = r.store().Finish(wctx, c.ID, c.Attempt, o)
@@ -318,7 +318,7 @@ func (r *Runner) finish(ctx context.Context, c *Claimed, o Outcome, ran time.Dur
 		}
 	}
 	r.Dispatcher.agentChanged(wctx, done.AgentID)
-	publishCommand(wctx, r.Dispatcher.Events, r.Logger, "command."+o.Event, done)
+	publishCommand(wctx, r.Dispatcher.Events, r.Logger, "command."+o.Event, &done.Command)
 	if done.Status == platform.CommandQueued {
 		var delay time.Duration
 		if o.NotBefore != nil {
@@ -330,13 +330,20 @@ func (r *Runner) finish(ctx context.Context, c *Claimed, o Outcome, ran time.Dur
 		return
 	}
 	if r.OnFinish != nil {
-		r.OnFinish(wctx, done)
+		r.OnFinish(wctx, &done.Command)
 	}
-	// A slot of the agent and one of its organization freed: admit what
+	// A slot of the agent freed, and one of its organization: admit what
 	// waits for them, seen now that the outcome is committed (a dispatch
-	// that found the agent full just before is not missed). Without a
+	// that found the agent full just before is not missed). The agent's
+	// own backlog takes its slot; the organization's slot is for another
+	// agent only if the organization was at its limit (otherwise whatever
+	// waits, waits for its own agent, whose outcome admits it). Without a
 	// backlog this is one cheap query.
-	r.Dispatcher.AdmitOrg(wctx, done.OrgID)
+	if done.OrgFull {
+		r.Dispatcher.AdmitOrg(wctx, done.OrgID)
+	} else {
+		r.Dispatcher.Admit(wctx, done.AgentID)
+	}
 }
 
 // retryDB runs fn until it succeeds, or fails with anything but an

@@ -223,8 +223,16 @@ type Claimed struct {
 // it) does not count. The snapshot may miss a command its dispatch found
 // the queue full for just now; the claimed command's finish admits it.
 const orgQueuedFull = `(EXISTS (SELECT 1 FROM commands w WHERE w.org_id = done.org_id AND w.status = 'queued' AND w.admitted_at IS NULL)
-	AND (SELECT count(*) FROM (SELECT 1 FROM commands c WHERE c.org_id = done.org_id AND c.admitted_at IS NOT NULL
-		AND c.status = 'queued' LIMIT GREATEST($5::integer, 0)) y) >= $5)`
+	AND (SELECT COALESCE(sum(l.queued), 0) FROM org_load l WHERE l.org_id = done.org_id) >= $5)`
+
+// orgFull tells whether the organization was at one of its limits ($11 the
+// default in-flight limit, $12 the queued limit) in the outcome's snapshot,
+// which still counts the finished command, and a command waits: the slot
+// the outcome freed may be for another agent's command.
+const orgFull = `(EXISTS (SELECT 1 FROM commands w WHERE w.org_id = done.org_id AND w.status = 'queued' AND w.admitted_at IS NULL)
+	AND EXISTS (SELECT 1 FROM org_load l WHERE l.org_id = done.org_id GROUP BY l.org_id
+		HAVING sum(l.inflight) >= COALESCE((SELECT o.org_max_in_flight FROM organizations o WHERE o.id = done.org_id), $11)
+			OR sum(l.queued) >= $12))`
 
 // Outcome is how an attempt ended.
 type Outcome struct {
@@ -246,7 +254,7 @@ type Outcome struct {
 // when the worker no longer holds it (the fence: a stale worker's late
 // write is refused). A command whose cancellation was asked is never
 // retried nor handed back: such an outcome ends it canceled.
-func (s *Store) Finish(ctx context.Context, id string, attempt int, o Outcome) (*platform.Command, error) {
+func (s *Store) Finish(ctx context.Context, id string, attempt int, o Outcome) (*Finished, error) {
 	failed := 0
 	if o.Failed {
 		failed = 1
@@ -255,7 +263,7 @@ func (s *Store) Finish(ctx context.Context, id string, attempt int, o Outcome) (
 	if o.Result != nil {
 		result = string(o.Result)
 	}
-	out := &platform.Command{}
+	out := &Finished{}
 	// Writes the outcome only for the attempt the worker holds (a retry of a
 	// command being cancelled ends it canceled); records the event and
 	// recomputes the agent's status. Returns the command.
@@ -273,12 +281,21 @@ func (s *Store) Finish(ctx context.Context, id string, attempt int, o Outcome) (
 		ev AS (INSERT INTO command_events (command_id, type, status, attempt, progress, message, data)
 			SELECT id, CASE WHEN status <> $3 THEN status ELSE $8 END, status, attempt, progress, COALESCE(error, ''), result FROM done),
 		`+agentStatus+`
-		SELECT * FROM done`,
-		id, attempt, o.Status, result, o.Error, failed, o.NotBefore, o.Event, o.Progress, o.Message)
+		SELECT done.*, `+orgFull+` AS org_full FROM done`,
+		id, attempt, o.Status, result, o.Error, failed, o.NotBefore, o.Event, o.Progress, o.Message,
+		s.Limits.OrgMaxInFlight, s.Limits.OrgMaxQueued)
 	if errors.Is(err, sql.ErrNoRows) {
 		return nil, nil
 	}
 	return out, err
+}
+
+// Finished is a command as an outcome left it.
+type Finished struct {
+	platform.Command
+	// OrgFull tells that the organization was at a limit and a command
+	// waits: the slot the outcome freed may be for another agent's.
+	OrgFull bool `db:"org_full"`
 }
 
 // Progress records a progress report of the attempt a worker holds; false
