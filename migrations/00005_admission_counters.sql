@@ -19,31 +19,33 @@ CREATE TABLE IF NOT EXISTS org_load (
     PRIMARY KEY (org_id, shard)
 );
 
+-- org_load_apply adds what a statement changed to org_load, once per
+-- statement, from its transition tables. It updates the shard rows in
+-- order, so two statements never wait on each other's shards in a cycle.
 -- +goose StatementBegin
-CREATE OR REPLACE FUNCTION org_load_track() RETURNS trigger LANGUAGE plpgsql AS $$
-DECLARE
-    v_inflight integer := 0;
-    v_queued integer := 0;
+CREATE OR REPLACE FUNCTION org_load_apply() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
-    IF TG_OP IN ('UPDATE', 'DELETE') AND OLD.admitted_at IS NOT NULL THEN
-        IF OLD.status IN ('queued', 'running') THEN
-            v_inflight := v_inflight - 1;
-        END IF;
-        IF OLD.status = 'queued' THEN
-            v_queued := v_queued - 1;
-        END IF;
-    END IF;
-    IF TG_OP IN ('UPDATE', 'INSERT') AND NEW.admitted_at IS NOT NULL THEN
-        IF NEW.status IN ('queued', 'running') THEN
-            v_inflight := v_inflight + 1;
-        END IF;
-        IF NEW.status = 'queued' THEN
-            v_queued := v_queued + 1;
-        END IF;
-    END IF;
-    IF v_inflight <> 0 OR v_queued <> 0 THEN
+    IF TG_OP = 'INSERT' THEN
         INSERT INTO org_load AS l (org_id, shard, inflight, queued)
-        VALUES (COALESCE(NEW.org_id, OLD.org_id), hashtext(COALESCE(NEW.id, OLD.id)::text) & 15, v_inflight, v_queued)
+        SELECT n.org_id, hashtext(n.id::text) & 15, count(*), count(*) FILTER (WHERE n.status = 'queued')
+          FROM new_rows n WHERE n.admitted_at IS NOT NULL AND n.status IN ('queued', 'running')
+         GROUP BY 1, 2 ORDER BY 1, 2
+        ON CONFLICT (org_id, shard) DO UPDATE SET inflight = l.inflight + EXCLUDED.inflight, queued = l.queued + EXCLUDED.queued;
+    ELSIF TG_OP = 'DELETE' THEN
+        INSERT INTO org_load AS l (org_id, shard, inflight, queued)
+        SELECT o.org_id, hashtext(o.id::text) & 15, -count(*), -count(*) FILTER (WHERE o.status = 'queued')
+          FROM old_rows o WHERE o.admitted_at IS NOT NULL AND o.status IN ('queued', 'running')
+         GROUP BY 1, 2 ORDER BY 1, 2
+        ON CONFLICT (org_id, shard) DO UPDATE SET inflight = l.inflight + EXCLUDED.inflight, queued = l.queued + EXCLUDED.queued;
+    ELSE
+        INSERT INTO org_load AS l (org_id, shard, inflight, queued)
+        SELECT d.org_id, d.shard, sum(d.inflight), sum(d.queued)
+          FROM (SELECT n.org_id, hashtext(n.id::text) & 15 AS shard, 1 AS inflight, CASE WHEN n.status = 'queued' THEN 1 ELSE 0 END AS queued
+                  FROM new_rows n WHERE n.admitted_at IS NOT NULL AND n.status IN ('queued', 'running')
+                UNION ALL
+                SELECT o.org_id, hashtext(o.id::text) & 15, -1, CASE WHEN o.status = 'queued' THEN -1 ELSE 0 END
+                  FROM old_rows o WHERE o.admitted_at IS NOT NULL AND o.status IN ('queued', 'running')) d
+         GROUP BY 1, 2 HAVING sum(d.inflight) <> 0 OR sum(d.queued) <> 0 ORDER BY 1, 2
         ON CONFLICT (org_id, shard) DO UPDATE SET inflight = l.inflight + EXCLUDED.inflight, queued = l.queued + EXCLUDED.queued;
     END IF;
     RETURN NULL;
@@ -51,19 +53,15 @@ END;
 $$;
 -- +goose StatementEnd
 
--- Only changes that can move a count call the function: progress reports
--- and lease renewals do not.
 DROP TRIGGER IF EXISTS commands_load_insert ON commands;
 CREATE TRIGGER commands_load_insert AFTER INSERT ON commands
-    FOR EACH ROW WHEN (NEW.admitted_at IS NOT NULL) EXECUTE FUNCTION org_load_track();
+    REFERENCING NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION org_load_apply();
 DROP TRIGGER IF EXISTS commands_load_update ON commands;
-CREATE TRIGGER commands_load_update AFTER UPDATE OF status, admitted_at, org_id ON commands
-    FOR EACH ROW WHEN (OLD.status IS DISTINCT FROM NEW.status OR (OLD.admitted_at IS NULL) <> (NEW.admitted_at IS NULL))
-    EXECUTE FUNCTION org_load_track();
+CREATE TRIGGER commands_load_update AFTER UPDATE ON commands
+    REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION org_load_apply();
 DROP TRIGGER IF EXISTS commands_load_delete ON commands;
 CREATE TRIGGER commands_load_delete AFTER DELETE ON commands
-    FOR EACH ROW WHEN (OLD.admitted_at IS NOT NULL AND OLD.status IN ('queued', 'running'))
-    EXECUTE FUNCTION org_load_track();
+    REFERENCING OLD TABLE AS old_rows FOR EACH STATEMENT EXECUTE FUNCTION org_load_apply();
 
 -- The counts of what is already there.
 DELETE FROM org_load;
@@ -72,136 +70,147 @@ SELECT org_id, hashtext(id::text) & 15, count(*), count(*) FILTER (WHERE status 
   FROM commands WHERE admitted_at IS NOT NULL AND status IN ('queued', 'running')
  GROUP BY 1, 2;
 
--- admit_commands admits waiting commands of one agent: as many as the
--- agent's max_concurrency, the organization's in-flight limit and its limit
--- of commands waiting in the queue allow, oldest (highest priority) first.
--- Takes the agent id and the two organization limits; returns the admitted
--- commands' ids, attempts and timeouts. Serialised per organization (an
--- advisory lock), which covers its agents too, so limits hold across
--- concurrent callers; the organization's load is read from org_load, the
--- agent's counted (at most its max_concurrency rows). A waiting command
--- locked by another transaction (a cancellation) is skipped.
--- It returns what the caller enqueues, timeout included: a query joining
--- its result to commands would miss the commands inserted after that
--- query's snapshot, which the function's own statements see and admit.
+-- admit_pick chooses what may be admitted of the backlogs of p_agents, all
+-- of organization p_org, in that order: for each agent as many of its
+-- waiting commands (highest priority, then oldest, first) as its
+-- max_concurrency and the organization's limits (p_org_limit in flight,
+-- p_org_queued waiting in the queue) allow. It takes the organization's
+-- admission lock, held until the caller's transaction ends, so limits hold
+-- across concurrent callers, and locks the chosen commands (a command
+-- locked by another transaction, such as a cancellation, is skipped). The
+-- caller marks them admitted in one statement. Returns their ids.
 -- +goose StatementBegin
-CREATE OR REPLACE FUNCTION admit_commands(p_agent uuid, p_org_limit integer, p_org_queued integer)
-RETURNS TABLE (id uuid, attempt integer, timeout_s integer) LANGUAGE plpgsql AS $$
-DECLARE
-    v_org uuid;
-    v_max integer;
-    v_status text;
-    v_agent_busy integer;
-    v_org_busy integer;
-    v_org_waiting integer;
-    v_free integer;
-BEGIN
-    -- Nothing waits (the common case): done, without a lock. A command
-    -- inserted meanwhile is admitted by its own dispatch, after it commits.
-    IF NOT EXISTS (SELECT 1 FROM commands w WHERE w.agent_id = p_agent AND w.status = 'queued' AND w.admitted_at IS NULL) THEN
-        RETURN;
-    END IF;
-    SELECT a.org_id, GREATEST(COALESCE((a.config->>'max_concurrency')::integer, 1), 1), a.status
-      INTO v_org, v_max, v_status
-      FROM agents a WHERE a.id = p_agent;
-    IF NOT FOUND OR v_status = 'disabled' THEN
-        RETURN;
-    END IF;
-    -- The organization's admissions queue on this lock until each commits:
-    -- commit without waiting for the WAL flush, or the flush paces them all.
-    -- An admission lost in a crash is harmless: the command is admitted
-    -- again, and a task of the lost admission finds nothing to claim.
-    PERFORM set_config('synchronous_commit', 'off', true);
-    PERFORM pg_advisory_xact_lock(hashtextextended('agentry:admit:' || v_org::text, 0));
-    SELECT count(*) INTO v_agent_busy FROM (SELECT 1 FROM commands c
-     WHERE c.org_id = v_org AND c.agent_id = p_agent AND c.admitted_at IS NOT NULL AND c.status IN ('queued', 'running') LIMIT v_max) busy;
-    IF v_agent_busy >= v_max THEN
-        RETURN;
-    END IF;
-    SELECT COALESCE(sum(l.inflight), 0), COALESCE(sum(l.queued), 0) INTO v_org_busy, v_org_waiting
-      FROM org_load l WHERE l.org_id = v_org;
-    v_free := LEAST(v_max - v_agent_busy, p_org_limit - v_org_busy, p_org_queued - v_org_waiting);
-    IF v_free <= 0 THEN
-        RETURN;
-    END IF;
-    RETURN QUERY
-    UPDATE commands c SET admitted_at = now(), updated_at = now()
-     WHERE c.id IN (SELECT w.id FROM commands w
-                     WHERE w.agent_id = p_agent AND w.status = 'queued' AND w.admitted_at IS NULL
-                     ORDER BY w.priority DESC, w.created_at, w.id
-                     LIMIT v_free
-                     FOR NO KEY UPDATE SKIP LOCKED)
-    RETURNING c.id, c.attempt, c.timeout_s;
-END;
-$$;
--- +goose StatementEnd
-
--- admit_org admits what it can of the backlogs of an organization's agents
--- (at most 200 of them, the one whose command waited longest first) in one
--- transaction, under the organization's admission lock taken once, with
--- the organization's load read once. The same limits as admit_commands.
--- Takes the organization and its two limits; returns what admit_commands
--- returns.
--- +goose StatementBegin
-CREATE OR REPLACE FUNCTION admit_org(p_org uuid, p_org_limit integer, p_org_queued integer)
-RETURNS TABLE (id uuid, attempt integer, timeout_s integer) LANGUAGE plpgsql AS $$
+CREATE OR REPLACE FUNCTION admit_pick(p_org uuid, p_agents uuid[], p_org_limit integer, p_org_queued integer)
+RETURNS uuid[] LANGUAGE plpgsql AS $$
 DECLARE
     v_agent record;
     v_org_busy integer;
     v_org_waiting integer;
     v_agent_busy integer;
     v_free integer;
-    v_n integer;
+    v_pick uuid[];
+    v_out uuid[] := '{}';
 BEGIN
-    -- Nothing waits (the common case): done, without a lock.
-    IF NOT EXISTS (SELECT 1 FROM commands w WHERE w.org_id = p_org AND w.status = 'queued' AND w.admitted_at IS NULL) THEN
-        RETURN;
-    END IF;
-    PERFORM set_config('synchronous_commit', 'off', true);
     PERFORM pg_advisory_xact_lock(hashtextextended('agentry:admit:' || p_org::text, 0));
     SELECT COALESCE(sum(l.inflight), 0), COALESCE(sum(l.queued), 0) INTO v_org_busy, v_org_waiting
       FROM org_load l WHERE l.org_id = p_org;
-    IF v_org_busy >= p_org_limit OR v_org_waiting >= p_org_queued THEN
-        RETURN;
-    END IF;
     FOR v_agent IN
         SELECT g.id, GREATEST(COALESCE((g.config->>'max_concurrency')::integer, 1), 1) AS max
-          FROM (SELECT w.agent_id, min(w.created_at) AS since FROM commands w
-                 WHERE w.org_id = p_org AND w.status = 'queued' AND w.admitted_at IS NULL
-                 GROUP BY w.agent_id ORDER BY since LIMIT 200) b
-          JOIN agents g ON g.id = b.agent_id
-         WHERE g.status <> 'disabled'
-         ORDER BY b.since
+          FROM unnest(p_agents) WITH ORDINALITY AS a(id, n) JOIN agents g ON g.id = a.id
+         WHERE g.org_id = p_org AND g.status <> 'disabled'
+         ORDER BY a.n
     LOOP
         v_free := LEAST(p_org_limit - v_org_busy, p_org_queued - v_org_waiting);
         EXIT WHEN v_free <= 0;
+        -- Stops at the agent's limit: bounded by max_concurrency.
         SELECT count(*) INTO v_agent_busy FROM (SELECT 1 FROM commands c
          WHERE c.org_id = p_org AND c.agent_id = v_agent.id AND c.admitted_at IS NOT NULL AND c.status IN ('queued', 'running') LIMIT v_agent.max) busy;
         v_free := LEAST(v_free, v_agent.max - v_agent_busy);
         CONTINUE WHEN v_free <= 0;
-        RETURN QUERY
-        UPDATE commands c SET admitted_at = now(), updated_at = now()
-         WHERE c.id IN (SELECT w.id FROM commands w
-                         WHERE w.agent_id = v_agent.id AND w.status = 'queued' AND w.admitted_at IS NULL
-                         ORDER BY w.priority DESC, w.created_at, w.id
-                         LIMIT v_free
-                         FOR NO KEY UPDATE SKIP LOCKED)
-        RETURNING c.id, c.attempt, c.timeout_s;
-        GET DIAGNOSTICS v_n = ROW_COUNT;
-        v_org_busy := v_org_busy + v_n;
-        v_org_waiting := v_org_waiting + v_n;
+        SELECT array_agg(w.id) INTO v_pick FROM (SELECT w.id FROM commands w
+                     WHERE w.agent_id = v_agent.id AND w.status = 'queued' AND w.admitted_at IS NULL
+                     ORDER BY w.priority DESC, w.created_at, w.id
+                     LIMIT v_free
+                     FOR NO KEY UPDATE SKIP LOCKED) w;
+        CONTINUE WHEN v_pick IS NULL;
+        v_out := v_out || v_pick;
+        v_org_busy := v_org_busy + cardinality(v_pick);
+        v_org_waiting := v_org_waiting + cardinality(v_pick);
     END LOOP;
+    RETURN v_out;
 END;
 $$;
 -- +goose StatementEnd
 
+-- admit_agents admits what it can of the backlogs of the agents p_agents,
+-- organization by organization (in id order, so two callers never wait on
+-- each other's locks in a cycle), in one transaction. p_org_limit is the
+-- in-flight limit of an organization without its own, p_org_queued the
+-- limit of admitted commands waiting in the queue. Returns the admitted
+-- commands with their agents, attempts and timeouts: what the caller
+-- enqueues. (A query joining its result to commands would miss commands
+-- inserted after that query's snapshot, which the function's own
+-- statements see and admit.)
+-- +goose StatementBegin
+CREATE OR REPLACE FUNCTION admit_agents(p_agents uuid[], p_org_limit integer, p_org_queued integer)
+RETURNS TABLE (agent_id uuid, id uuid, attempt integer, timeout_s integer) LANGUAGE plpgsql AS $$
+DECLARE
+    v_org record;
+    v_ids uuid[] := '{}';
+BEGIN
+    FOR v_org IN
+        -- Agents with nothing waiting (the common case) take no lock.
+        SELECT g.org_id, COALESCE(o.org_max_in_flight, p_org_limit) AS lim, array_agg(g.id ORDER BY g.id) AS agents
+          FROM agents g JOIN organizations o ON o.id = g.org_id
+         WHERE g.id = ANY(p_agents) AND g.status <> 'disabled'
+           AND EXISTS (SELECT 1 FROM commands w WHERE w.agent_id = g.id AND w.status = 'queued' AND w.admitted_at IS NULL)
+         GROUP BY g.org_id, o.org_max_in_flight
+         ORDER BY g.org_id
+    LOOP
+        -- The organization's admissions queue on its lock until each
+        -- commits: commit without waiting for the WAL flush, or the flush
+        -- paces them all. An admission lost in a crash is harmless: the
+        -- command is admitted again, and a task of the lost admission
+        -- finds nothing to claim.
+        PERFORM set_config('synchronous_commit', 'off', true);
+        v_ids := v_ids || admit_pick(v_org.org_id, v_org.agents, v_org.lim, p_org_queued);
+    END LOOP;
+    IF cardinality(v_ids) = 0 THEN
+        RETURN;
+    END IF;
+    RETURN QUERY
+    UPDATE commands c SET admitted_at = now(), updated_at = now()
+     WHERE c.id = ANY(v_ids)
+    RETURNING c.agent_id, c.id, c.attempt, c.timeout_s;
+END;
+$$;
+-- +goose StatementEnd
+
+-- admit_org admits what it can of the backlogs of an organization's agents
+-- (at most 200 of them, the one whose command waited longest first) in one
+-- transaction. The same limits and result as admit_agents (p_org_limit
+-- being this organization's limit).
+DROP FUNCTION IF EXISTS admit_org(uuid, integer, integer);
+-- +goose StatementBegin
+CREATE OR REPLACE FUNCTION admit_org(p_org uuid, p_org_limit integer, p_org_queued integer)
+RETURNS TABLE (agent_id uuid, id uuid, attempt integer, timeout_s integer) LANGUAGE plpgsql AS $$
+DECLARE
+    v_agents uuid[];
+    v_ids uuid[];
+BEGIN
+    SELECT array_agg(b.agent_id ORDER BY b.since) INTO v_agents
+      FROM (SELECT w.agent_id, min(w.created_at) AS since FROM commands w
+             WHERE w.org_id = p_org AND w.status = 'queued' AND w.admitted_at IS NULL
+             GROUP BY w.agent_id ORDER BY since LIMIT 200) b;
+    -- Nothing waits (the common case): done, without a lock.
+    IF v_agents IS NULL THEN
+        RETURN;
+    END IF;
+    PERFORM set_config('synchronous_commit', 'off', true);
+    v_ids := admit_pick(p_org, v_agents, p_org_limit, p_org_queued);
+    IF cardinality(v_ids) = 0 THEN
+        RETURN;
+    END IF;
+    RETURN QUERY
+    UPDATE commands c SET admitted_at = now(), updated_at = now()
+     WHERE c.id = ANY(v_ids)
+    RETURNING c.agent_id, c.id, c.attempt, c.timeout_s;
+END;
+$$;
+-- +goose StatementEnd
+
+DROP FUNCTION IF EXISTS admit_commands(uuid, integer, integer);
+
 -- +goose Down
+DROP FUNCTION IF EXISTS admit_org(uuid, integer, integer);
+DROP FUNCTION IF EXISTS admit_agents(uuid[], integer, integer);
+DROP FUNCTION IF EXISTS admit_pick(uuid, uuid[], integer, integer);
 DROP TRIGGER IF EXISTS commands_load_insert ON commands;
 DROP TRIGGER IF EXISTS commands_load_update ON commands;
 DROP TRIGGER IF EXISTS commands_load_delete ON commands;
-DROP FUNCTION IF EXISTS org_load_track();
+DROP FUNCTION IF EXISTS org_load_apply();
 DROP TABLE IF EXISTS org_load;
--- admit_commands and admit_org read org_load: back to counting commands.
+-- Back to 00003's admission, which counts commands.
 -- +goose StatementBegin
 CREATE OR REPLACE FUNCTION admit_commands(p_agent uuid, p_org_limit integer, p_org_queued integer)
 RETURNS TABLE (id uuid, attempt integer, timeout_s integer) LANGUAGE plpgsql AS $$

@@ -8,6 +8,7 @@ import (
 
 	"log/slog"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/google/uuid"
@@ -47,6 +48,9 @@ type Dispatcher struct {
 	// AgentChanged, if set, is told when the pipeline changed an agent's
 	// status (the API's cache of agents is made stale).
 	AgentChanged func(ctx context.Context, agentID string)
+
+	admitOnce  sync.Once
+	admissions *batcher[string, []Admitted]
 }
 
 func (d *Dispatcher) agentChanged(ctx context.Context, agentID string) {
@@ -142,7 +146,27 @@ func (d *Dispatcher) Dispatch(ctx context.Context, p *platform.Principal, agent 
 // Admit admits what it can of an agent's backlog and enqueues it. Failures
 // are logged: the command is safe in Postgres and the reconciler will retry.
 func (d *Dispatcher) Admit(ctx context.Context, agentID string) int {
-	admitted, err := d.Store.AdmitAgent(ctx, agentID)
+	// Admissions of agents at once go together: one transaction, one
+	// organization lock for all.
+	d.admitOnce.Do(func() {
+		d.admissions = newBatcher(2, batchMax, func(ctx context.Context, agents []string) ([][]Admitted, error) {
+			admitted, err := d.Store.AdmitAgents(ctx, agents)
+			if err != nil {
+				return nil, err
+			}
+			out := make([][]Admitted, len(agents))
+			first := make(map[string]int, len(agents))
+			for i := len(agents) - 1; i >= 0; i-- {
+				first[agents[i]] = i
+			}
+			for _, a := range admitted {
+				i := first[a.AgentID]
+				out[i] = append(out[i], a)
+			}
+			return out, nil
+		})
+	})
+	admitted, err := d.admissions.do(agentID)
 	if err != nil {
 		d.Logger.WarnContext(ctx, "admission failed; the reconciler will retry", "agent_id", agentID, "err", err)
 		return 0

@@ -25,7 +25,7 @@ func TestMain(m *testing.M) {
 
 // fixture is an organization with one member on a fresh schema.
 type fixture struct {
-	t     *testing.T
+	t     testing.TB
 	db    *sqlx.DB
 	store *Store
 	org   string
@@ -33,7 +33,7 @@ type fixture struct {
 	rdb   *redis.Client // set by dispatcher
 }
 
-func newFixture(t *testing.T, limits Limits) *fixture {
+func newFixture(t testing.TB, limits Limits) *fixture {
 	t.Helper()
 	db := testenv.Postgres(t)
 	f := &fixture{t: t, db: db, store: &Store{DB: db, Limits: limits}}

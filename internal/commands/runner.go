@@ -45,6 +45,10 @@ type Runner struct {
 	// OnFinish is told of every command that ended (notifications).
 	OnFinish func(ctx context.Context, c *platform.Command)
 
+	batchOnce sync.Once
+	claims    *batcher[Attempt, *Claimed]
+	endings   *batcher[Ending, *Finished]
+
 	mu      sync.Mutex
 	running map[string]*execution
 	wg      sync.WaitGroup
@@ -60,6 +64,34 @@ type execution struct {
 }
 
 func (r *Runner) store() *Store { return r.Dispatcher.Store }
+
+// Claims and outcomes of the commands running at once go to PostgreSQL
+// together, a statement for many (see batcher).
+const (
+	batchLanes = 4
+	batchMax   = 64
+)
+
+func (r *Runner) batchers() {
+	r.batchOnce.Do(func() {
+		r.claims = newBatcher(batchLanes, batchMax, func(ctx context.Context, in []Attempt) ([]*Claimed, error) {
+			return r.store().ClaimMany(ctx, in, r.WorkerID, r.lease())
+		})
+		r.endings = newBatcher(batchLanes, batchMax, r.store().FinishMany)
+	})
+}
+
+// claim claims an attempt, with the claims of other commands starting now.
+func (r *Runner) claim(id string, attempt int) (*Claimed, error) {
+	r.batchers()
+	return r.claims.do(Attempt{ID: id, Attempt: attempt})
+}
+
+// record records an outcome, with those of other commands ending now.
+func (r *Runner) record(id string, attempt int, o Outcome) (*Finished, error) {
+	r.batchers()
+	return r.endings.do(Ending{Attempt: Attempt{ID: id, Attempt: attempt}, Outcome: o})
+}
 
 func (r *Runner) lease() time.Duration { return 3 * r.Heartbeat }
 
@@ -154,7 +186,7 @@ func (r *Runner) ProcessTask(ctx context.Context, t *asynq.Task) error {
 	if err := json.Unmarshal(t.Payload(), &p); err != nil || p.ID == "" {
 		return fmt.Errorf("malformed command task: %w", asynq.SkipRetry)
 	}
-	c, err := r.store().Claim(ctx, p.ID, p.Attempt, r.WorkerID, r.lease())
+	c, err := r.claim(p.ID, p.Attempt)
 	if err != nil {
 		return fmt.Errorf("claim %s: %w", TaskID(p.ID, p.Attempt), err)
 	}
@@ -294,7 +326,7 @@ func (r *Runner) finish(ctx context.Context, c *Claimed, o Outcome, ran time.Dur
 	var done *Finished
 	err := retryDB(wctx, 30*time.Second, func() error {
 		var err error
-		done, err = r.store().Finish(wctx, c.ID, c.Attempt, o)
+		done, err = r.record(c.ID, c.Attempt, o)
 		return err
 	})
 	if err != nil {

@@ -5,6 +5,7 @@ import (
 	"database/sql"
 	"encoding/json"
 	"errors"
+	"strconv"
 	"sync"
 	"time"
 
@@ -77,6 +78,7 @@ func (s *Store) sel(ctx context.Context, dest any, query string, args ...any) er
 
 // Admitted is a command attempt handed to the queue.
 type Admitted struct {
+	AgentID  string `db:"agent_id"`
 	ID       string `db:"id"`
 	Attempt  int    `db:"attempt"`
 	TimeoutS int    `db:"timeout_s"`
@@ -147,12 +149,17 @@ func (s *Store) Insert(ctx context.Context, c *platform.Command) (stored *platfo
 
 // AdmitAgent admits what it can of an agent's backlog.
 func (s *Store) AdmitAgent(ctx context.Context, agentID string) ([]Admitted, error) {
+	return s.AdmitAgents(ctx, []string{agentID})
+}
+
+// AdmitAgents admits what it can of the backlogs of agents, in one
+// transaction.
+func (s *Store) AdmitAgents(ctx context.Context, agentIDs []string) ([]Admitted, error) {
 	var out []Admitted
-	// Admits the agent's waiting commands within its and its
-	// organization's limits; returns them with their timeouts.
-	err := s.sel(ctx, &out, `SELECT id, attempt, timeout_s
-		FROM admit_commands($1, COALESCE((SELECT o.org_max_in_flight FROM organizations o JOIN agents g ON g.org_id = o.id WHERE g.id = $1), $2), $3)`,
-		agentID, s.Limits.OrgMaxInFlight, s.Limits.OrgMaxQueued)
+	// Admits the agents' waiting commands within their and their
+	// organizations' limits; returns them with their timeouts.
+	err := s.sel(ctx, &out, `SELECT agent_id, id, attempt, timeout_s FROM admit_agents($1::uuid[], $2, $3)`,
+		pq.Array(agentIDs), s.Limits.OrgMaxInFlight, s.Limits.OrgMaxQueued)
 	return out, err
 }
 
@@ -162,7 +169,7 @@ func (s *Store) AdmitOrg(ctx context.Context, orgID string) ([]Admitted, error) 
 	var out []Admitted
 	// Admits the waiting commands of the organization's agents within the
 	// limits; returns them with their timeouts.
-	err := s.sel(ctx, &out, `SELECT id, attempt, timeout_s
+	err := s.sel(ctx, &out, `SELECT agent_id, id, attempt, timeout_s
 		FROM admit_org($1, COALESCE((SELECT o.org_max_in_flight FROM organizations o WHERE o.id = $1), $2), $3)`,
 		orgID, s.Limits.OrgMaxInFlight, s.Limits.OrgMaxQueued)
 	return out, err
@@ -185,25 +192,83 @@ func (s *Store) WaitingAgents(ctx context.Context, orgID string, limit int) ([]s
 // with its agent's config and environment, or nil when there is nothing to
 // run (already claimed, cancelled, finished).
 func (s *Store) Claim(ctx context.Context, id string, attempt int, worker string, lease time.Duration) (*Claimed, error) {
-	out := &Claimed{}
-	// Fences the attempt: only a queued command at attempt-1 becomes running;
-	// records the event and makes the agent busy. Returns the command with
-	// the agent's config and environment id, and whether the slot it freed
-	// in the queue has a command to take it.
-	err := s.get(ctx, out, `WITH done AS (
-			UPDATE commands SET status = 'running', attempt = $2, worker_id = $3, lease_until = now() + $4 * interval '1 millisecond',
-				started_at = COALESCE(started_at, now()), not_before = NULL, updated_at = now(), version = version + 1
-			WHERE id = $1 AND status = 'queued' AND attempt = $2 - 1 AND cancel_requested_at IS NULL AND admitted_at IS NOT NULL
-			RETURNING *),
-		ev AS (INSERT INTO command_events (command_id, type, status, attempt) SELECT id, 'running', status, attempt FROM done),
-		ag AS (UPDATE agents a SET status = 'busy', updated_at = now() FROM done d WHERE a.id = d.agent_id AND a.status NOT IN ('busy', 'disabled'))
-		SELECT done.*, g.config AS agent_config, g.environment_id AS agent_environment_id, `+orgQueuedFull+` AS org_full
-		FROM done JOIN agents g ON g.id = done.agent_id`,
-		id, attempt, worker, lease.Milliseconds(), s.Limits.OrgMaxQueued)
-	if errors.Is(err, sql.ErrNoRows) {
-		return nil, nil
+	out, err := s.ClaimMany(ctx, []Attempt{{ID: id, Attempt: attempt}}, worker, lease)
+	if err != nil {
+		return nil, err
 	}
-	return out, err
+	return out[0], nil
+}
+
+// Attempt names an attempt of a command.
+type Attempt struct {
+	ID      string
+	Attempt int
+}
+
+// ClaimMany claims attempts for worker, as Claim does, in one statement
+// (two if a command comes twice). The result is in the order of attempts.
+func (s *Store) ClaimMany(ctx context.Context, attempts []Attempt, worker string, lease time.Duration) ([]*Claimed, error) {
+	out := make([]*Claimed, len(attempts))
+	for _, round := range rounds(len(attempts), func(i int) string { return attempts[i].ID }) {
+		ids, nums := make([]string, len(round)), make([]int64, len(round))
+		for k, i := range round {
+			ids[k], nums[k] = attempts[i].ID, int64(attempts[i].Attempt)
+		}
+		var rows []*Claimed
+		// Fences each attempt: only a queued command at attempt-1 becomes
+		// running; records the events and makes the agents busy. Returns the
+		// claimed commands with their agents' config and environment ids,
+		// and whether the slot a claim freed in the organization's queue has
+		// a command to take it. (c.id = ANY(...) keeps the plan on the
+		// primary key: a cached generic plan may otherwise scan by status.)
+		err := s.sel(ctx, &rows, `WITH req AS (SELECT * FROM unnest($1::uuid[], $2::integer[]) AS r(id, attempt)),
+			done AS (
+				UPDATE commands c SET status = 'running', attempt = r.attempt, worker_id = $3, lease_until = now() + $4 * interval '1 millisecond',
+					started_at = COALESCE(c.started_at, now()), not_before = NULL, updated_at = now(), version = c.version + 1
+				FROM req r
+				WHERE c.id = ANY($1::uuid[]) AND c.id = r.id AND c.status = 'queued' AND c.attempt = r.attempt - 1 AND c.cancel_requested_at IS NULL AND c.admitted_at IS NOT NULL
+				RETURNING c.*),
+			ev AS (INSERT INTO command_events (command_id, type, status, attempt) SELECT id, 'running', status, attempt FROM done),
+			ag AS (UPDATE agents a SET status = 'busy', updated_at = now()
+				WHERE a.id IN (SELECT agent_id FROM done) AND a.status NOT IN ('busy', 'disabled'))
+			SELECT done.*, g.config AS agent_config, g.environment_id AS agent_environment_id, `+orgQueuedFull+` AS org_full
+			FROM done JOIN agents g ON g.id = done.agent_id`,
+			pq.Array(ids), pq.Array(nums), worker, lease.Milliseconds(), s.Limits.OrgMaxQueued)
+		if err != nil {
+			return nil, err
+		}
+		byID := make(map[string]*Claimed, len(rows))
+		for _, c := range rows {
+			byID[c.ID] = c
+		}
+		for _, i := range round {
+			if c := byID[attempts[i].ID]; c != nil && c.Attempt == attempts[i].Attempt {
+				out[i] = c
+			}
+		}
+	}
+	return out, nil
+}
+
+// rounds splits the indexes 0..n-1 into rounds in which no key comes
+// twice, in order: one statement updates a row once.
+func rounds(n int, key func(int) string) [][]int {
+	var out [][]int
+	seen := []map[string]bool{}
+	for i := range n {
+		k := key(i)
+		r := 0
+		for r < len(seen) && seen[r][k] {
+			r++
+		}
+		if r == len(seen) {
+			seen = append(seen, map[string]bool{})
+			out = append(out, nil)
+		}
+		seen[r][k] = true
+		out[r] = append(out[r], i)
+	}
+	return out
 }
 
 // Claimed is a command a worker runs, with what the handler needs.
@@ -255,39 +320,93 @@ type Outcome struct {
 // write is refused). A command whose cancellation was asked is never
 // retried nor handed back: such an outcome ends it canceled.
 func (s *Store) Finish(ctx context.Context, id string, attempt int, o Outcome) (*Finished, error) {
-	failed := 0
-	if o.Failed {
-		failed = 1
+	out, err := s.FinishMany(ctx, []Ending{{Attempt: Attempt{ID: id, Attempt: attempt}, Outcome: o}})
+	if err != nil {
+		return nil, err
 	}
-	var result any
-	if o.Result != nil {
-		result = string(o.Result)
+	return out[0], nil
+}
+
+// Ending is the outcome of an attempt.
+type Ending struct {
+	Attempt
+	Outcome Outcome
+}
+
+// FinishMany records outcomes, as Finish does, in one statement (two if a
+// command comes twice). The result is in the order of endings.
+func (s *Store) FinishMany(ctx context.Context, endings []Ending) ([]*Finished, error) {
+	out := make([]*Finished, len(endings))
+	for _, round := range rounds(len(endings), func(i int) string { return endings[i].ID }) {
+		n := len(round)
+		ids, nums, failed := make([]string, n), make([]int64, n), make([]int64, n)
+		status, event := make([]string, n), make([]string, n)
+		result, errs, notBefore, progress, message := make([]sql.NullString, n), make([]sql.NullString, n), make([]sql.NullString, n), make([]sql.NullString, n), make([]sql.NullString, n)
+		for k, i := range round {
+			e := endings[i]
+			o := e.Outcome
+			ids[k], nums[k], status[k], event[k] = e.ID, int64(e.Attempt.Attempt), o.Status, o.Event
+			if o.Failed {
+				failed[k] = 1
+			}
+			if o.Result != nil {
+				result[k] = sql.NullString{String: string(o.Result), Valid: true}
+			}
+			if o.Error != nil {
+				errs[k] = sql.NullString{String: *o.Error, Valid: true}
+			}
+			if o.NotBefore != nil {
+				notBefore[k] = sql.NullString{String: o.NotBefore.UTC().Format(time.RFC3339Nano), Valid: true}
+			}
+			if o.Progress != nil {
+				progress[k] = sql.NullString{String: strconv.Itoa(*o.Progress), Valid: true}
+			}
+			if o.Message != nil {
+				message[k] = sql.NullString{String: *o.Message, Valid: true}
+			}
+		}
+		var rows []*Finished
+		// Writes each outcome only for the attempt the worker holds (a retry
+		// of a command being cancelled ends it canceled); records the events
+		// and recomputes the agents' statuses. Returns the commands. (c.id =
+		// ANY(...): see ClaimMany.)
+		err := s.sel(ctx, &rows, `WITH req AS (
+				SELECT * FROM unnest($1::uuid[], $2::integer[], $3::text[], $4::text[], $5::text[], $6::integer[], $7::text[], $8::text[], $9::text[], $10::text[])
+					AS r(id, attempt, status, result, error, failed, not_before, event, progress, message)),
+			done AS (
+				UPDATE commands c SET
+					status = CASE WHEN r.status = 'queued' AND c.cancel_requested_at IS NOT NULL THEN 'canceled' ELSE r.status END,
+					result = COALESCE(r.result::jsonb, c.result), error = COALESCE(r.error, c.error), failures = c.failures + r.failed,
+					progress = CASE WHEN r.status = 'succeeded' THEN 100 ELSE COALESCE(r.progress::integer, c.progress) END,
+					message = COALESCE(r.message, c.message),
+					finished_at = CASE WHEN r.status IN ('succeeded', 'failed', 'canceled') OR c.cancel_requested_at IS NOT NULL THEN now() END,
+					not_before = CASE WHEN c.cancel_requested_at IS NULL THEN r.not_before::timestamptz END,
+					worker_id = NULL, lease_until = NULL, updated_at = now(), version = c.version + 1
+				FROM req r
+				WHERE c.id = ANY($1::uuid[]) AND c.id = r.id AND c.attempt = r.attempt AND c.status = 'running'
+				RETURNING c.*),
+			ev AS (INSERT INTO command_events (command_id, type, status, attempt, progress, message, data)
+				SELECT d.id, CASE WHEN d.status <> r.status THEN d.status ELSE r.event END, d.status, d.attempt, d.progress, COALESCE(d.error, ''), d.result
+				FROM done d JOIN req r ON r.id = d.id),
+			`+agentStatus+`
+			SELECT done.*, `+orgFull+` AS org_full FROM done`,
+			pq.Array(ids), pq.Array(nums), pq.Array(status), pq.Array(result), pq.Array(errs), pq.Array(failed),
+			pq.Array(notBefore), pq.Array(event), pq.Array(progress), pq.Array(message),
+			s.Limits.OrgMaxInFlight, s.Limits.OrgMaxQueued)
+		if err != nil {
+			return nil, err
+		}
+		byID := make(map[string]*Finished, len(rows))
+		for _, c := range rows {
+			byID[c.ID] = c
+		}
+		for _, i := range round {
+			if c := byID[endings[i].ID]; c != nil && c.Attempt == endings[i].Attempt.Attempt {
+				out[i] = c
+			}
+		}
 	}
-	out := &Finished{}
-	// Writes the outcome only for the attempt the worker holds (a retry of a
-	// command being cancelled ends it canceled); records the event and
-	// recomputes the agent's status. Returns the command.
-	err := s.get(ctx, out, `WITH done AS (
-			UPDATE commands SET
-				status = CASE WHEN $3 = 'queued' AND cancel_requested_at IS NOT NULL THEN 'canceled' ELSE $3 END,
-				result = COALESCE($4::jsonb, result), error = COALESCE($5, error), failures = failures + $6,
-				progress = CASE WHEN $3 = 'succeeded' THEN 100 ELSE COALESCE($9::integer, progress) END,
-				message = COALESCE($10::text, message),
-				finished_at = CASE WHEN $3 IN ('succeeded', 'failed', 'canceled') OR cancel_requested_at IS NOT NULL THEN now() END,
-				not_before = CASE WHEN cancel_requested_at IS NULL THEN $7::timestamptz END,
-				worker_id = NULL, lease_until = NULL, updated_at = now(), version = version + 1
-			WHERE id = $1 AND attempt = $2 AND status = 'running'
-			RETURNING *),
-		ev AS (INSERT INTO command_events (command_id, type, status, attempt, progress, message, data)
-			SELECT id, CASE WHEN status <> $3 THEN status ELSE $8 END, status, attempt, progress, COALESCE(error, ''), result FROM done),
-		`+agentStatus+`
-		SELECT done.*, `+orgFull+` AS org_full FROM done`,
-		id, attempt, o.Status, result, o.Error, failed, o.NotBefore, o.Event, o.Progress, o.Message,
-		s.Limits.OrgMaxInFlight, s.Limits.OrgMaxQueued)
-	if errors.Is(err, sql.ErrNoRows) {
-		return nil, nil
-	}
-	return out, err
+	return out, nil
 }
 
 // Finished is a command as an outcome left it.

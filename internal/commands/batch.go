@@ -1,0 +1,110 @@
+package commands
+
+import (
+	"context"
+	"errors"
+	"sync"
+	"time"
+
+	"github.com/lib/pq"
+)
+
+// batcher runs calls together: while a batch is being run, the calls that
+// arrive wait and go together in the next one. It adds no delay: an idle
+// batcher runs a call at once, alone. Under load, one statement then does
+// the work of many, which is what lets a few PostgreSQL connections keep up
+// with many concurrent commands.
+//
+// No goroutine outlives the work: a run starts one when there is none (up
+// to lanes at a time), and it ends when nothing is left to run.
+type batcher[T, R any] struct {
+	// run does a batch; its result is in the order of in.
+	run   func(ctx context.Context, in []T) ([]R, error)
+	lanes int
+	max   int
+
+	mu      sync.Mutex
+	pending []*batchCall[T, R]
+	running int
+}
+
+type batchCall[T, R any] struct {
+	in   T
+	out  R
+	err  error
+	done chan struct{}
+}
+
+// batchTimeout bounds one batch's statement.
+const batchTimeout = 30 * time.Second
+
+func newBatcher[T, R any](lanes, max int, run func(ctx context.Context, in []T) ([]R, error)) *batcher[T, R] {
+	return &batcher[T, R]{run: run, lanes: lanes, max: max}
+}
+
+// do runs in with the next batch and returns its result. It waits for the
+// batch even if ctx ends: the batch may have done its work, which the
+// caller must know of (a claimed attempt is the caller's to run).
+func (b *batcher[T, R]) do(in T) (R, error) {
+	c := &batchCall[T, R]{in: in, done: make(chan struct{})}
+	b.mu.Lock()
+	b.pending = append(b.pending, c)
+	if b.running < b.lanes {
+		b.running++
+		go b.loop()
+	}
+	b.mu.Unlock()
+	<-c.done
+	return c.out, c.err
+}
+
+// loop runs batches until nothing is pending.
+func (b *batcher[T, R]) loop() {
+	for {
+		b.mu.Lock()
+		if len(b.pending) == 0 {
+			b.running--
+			b.mu.Unlock()
+			return
+		}
+		n := min(len(b.pending), b.max)
+		calls := make([]*batchCall[T, R], n)
+		copy(calls, b.pending)
+		b.pending = append(b.pending[:0], b.pending[n:]...)
+		b.mu.Unlock()
+
+		in := make([]T, n)
+		for i, c := range calls {
+			in[i] = c.in
+		}
+		out, err := b.runWithRetry(in)
+		for i, c := range calls {
+			if err != nil {
+				c.err = err
+			} else {
+				c.out = out[i]
+			}
+			close(c.done)
+		}
+	}
+}
+
+// runWithRetry runs a batch, again if PostgreSQL chose it as a deadlock's
+// victim (batches of concurrent workers lock agents' rows in no set order).
+func (b *batcher[T, R]) runWithRetry(in []T) ([]R, error) {
+	for try := 0; ; try++ {
+		ctx, cancel := context.WithTimeout(context.Background(), batchTimeout)
+		out, err := b.run(ctx, in)
+		cancel()
+		if err == nil || try == 3 || !retryable(err) {
+			return out, err
+		}
+	}
+}
+
+// retryable tells a statement that failed only because of concurrent
+// ones: running it again is safe and will succeed.
+func retryable(err error) bool {
+	var pqErr *pq.Error
+	return errors.As(err, &pqErr) && (pqErr.Code == "40P01" || pqErr.Code == "40001")
+}
