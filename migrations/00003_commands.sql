@@ -157,6 +157,8 @@ $$;
 -- the organization's counts made once. The same limits as admit_commands.
 -- Takes the organization and its two limits; returns what admit_commands
 -- returns.
+-- (Dropped first: a later migration changes what it returns.)
+DROP FUNCTION IF EXISTS admit_org(uuid, integer, integer);
 -- +goose StatementBegin
 CREATE OR REPLACE FUNCTION admit_org(p_org uuid, p_org_limit integer, p_org_queued integer)
 RETURNS TABLE (id uuid, attempt integer, timeout_s integer) LANGUAGE plpgsql AS $$
