@@ -186,7 +186,8 @@ func (d *Dispatcher) enqueue(ctx context.Context, admitted []Admitted) {
 }
 
 // AdmitOrg admits what it can of the backlogs of an organization's agents
-// (or of every organization's, with orgID "", agent by agent).
+// (or of every organization's, with orgID "": up to 200 agents with a
+// backlog, in one transaction).
 func (d *Dispatcher) AdmitOrg(ctx context.Context, orgID string) int {
 	if orgID != "" {
 		admitted, err := d.Store.AdmitOrg(ctx, orgID)
@@ -202,11 +203,16 @@ func (d *Dispatcher) AdmitOrg(ctx context.Context, orgID string) int {
 		d.Logger.WarnContext(ctx, "listing backlogs failed", "err", err)
 		return 0
 	}
-	n := 0
-	for _, a := range agents {
-		n += d.Admit(ctx, a)
+	if len(agents) == 0 {
+		return 0
 	}
-	return n
+	admitted, err := d.Store.AdmitAgents(ctx, agents)
+	if err != nil {
+		d.Logger.WarnContext(ctx, "admission failed; the reconciler will retry", "err", err)
+		return 0
+	}
+	d.enqueue(ctx, admitted)
+	return len(admitted)
 }
 
 // Cancel cancels a command: a queued one at once, a running one as soon as

@@ -202,7 +202,9 @@ func (r *Runner) ProcessTask(ctx context.Context, t *asynq.Task) error {
 		}
 		r.Metrics.Started(c.Task, time.Since(since))
 	}
-	r.Dispatcher.agentChanged(ctx, c.AgentID)
+	if c.AgentChanged {
+		r.Dispatcher.agentChanged(ctx, c.AgentID)
+	}
 	publishCommand(ctx, r.Dispatcher.Events, r.Logger, "command.running", &c.Command)
 	if c.OrgFull {
 		r.wg.Add(1)
@@ -349,7 +351,9 @@ func (r *Runner) finish(ctx context.Context, c *Claimed, o Outcome, ran time.Dur
 			r.Metrics.Finished(c.Task, done.Status, ran)
 		}
 	}
-	r.Dispatcher.agentChanged(wctx, done.AgentID)
+	if done.AgentChanged {
+		r.Dispatcher.agentChanged(wctx, done.AgentID)
+	}
 	publishCommand(wctx, r.Dispatcher.Events, r.Logger, "command."+o.Event, &done.Command)
 	if done.Status == platform.CommandQueued {
 		var delay time.Duration

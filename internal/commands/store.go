@@ -100,7 +100,8 @@ const agentStatus = `ag AS (
 			WHEN EXISTS (SELECT 1 FROM done f WHERE f.agent_id = g.id AND f.status = 'failed') THEN 'error'
 			ELSE 'idle' END AS status
 		FROM agents g WHERE g.id IN (SELECT agent_id FROM done)) s
-	WHERE a.id = s.id AND a.status <> s.status)`
+	WHERE a.id = s.id AND a.status <> s.status
+	RETURNING a.id)`
 
 // Insert stores a new queued command and its first event. With an
 // idempotency key already used by the same caller within 24 hours it stores
@@ -230,8 +231,10 @@ func (s *Store) ClaimMany(ctx context.Context, attempts []Attempt, worker string
 				RETURNING c.*),
 			ev AS (INSERT INTO command_events (command_id, type, status, attempt) SELECT id, 'running', status, attempt FROM done),
 			ag AS (UPDATE agents a SET status = 'busy', updated_at = now()
-				WHERE a.id IN (SELECT agent_id FROM done) AND a.status NOT IN ('busy', 'disabled'))
-			SELECT done.*, g.config AS agent_config, g.environment_id AS agent_environment_id, `+orgQueuedFull+` AS org_full
+				WHERE a.id IN (SELECT agent_id FROM done) AND a.status NOT IN ('busy', 'disabled')
+				RETURNING a.id)
+			SELECT done.*, g.config AS agent_config, g.environment_id AS agent_environment_id, `+orgQueuedFull+` AS org_full,
+				done.agent_id IN (SELECT id FROM ag) AS agent_changed
 			FROM done JOIN agents g ON g.id = done.agent_id`,
 			pq.Array(ids), pq.Array(nums), worker, lease.Milliseconds(), s.Limits.OrgMaxQueued)
 		if err != nil {
@@ -279,6 +282,8 @@ type Claimed struct {
 	// OrgFull tells that the organization's queue was full and a command
 	// waits: the slot the claim freed is for it.
 	OrgFull bool `db:"org_full"`
+	// AgentChanged tells that the claim changed the agent's status.
+	AgentChanged bool `db:"agent_changed"`
 }
 
 // orgQueuedFull tells whether the organization's queue was full ($5 its
@@ -389,7 +394,7 @@ func (s *Store) FinishMany(ctx context.Context, endings []Ending) ([]*Finished, 
 				SELECT d.id, CASE WHEN d.status <> r.status THEN d.status ELSE r.event END, d.status, d.attempt, d.progress, COALESCE(d.error, ''), d.result
 				FROM done d JOIN req r ON r.id = d.id),
 			`+agentStatus+`
-			SELECT done.*, `+orgFull+` AS org_full FROM done`,
+			SELECT done.*, `+orgFull+` AS org_full, done.agent_id IN (SELECT id FROM ag) AS agent_changed FROM done`,
 			pq.Array(ids), pq.Array(nums), pq.Array(status), pq.Array(result), pq.Array(errs), pq.Array(failed),
 			pq.Array(notBefore), pq.Array(event), pq.Array(progress), pq.Array(message),
 			s.Limits.OrgMaxInFlight, s.Limits.OrgMaxQueued)
@@ -415,6 +420,8 @@ type Finished struct {
 	// OrgFull tells that the organization was at a limit and a command
 	// waits: the slot the outcome freed may be for another agent's.
 	OrgFull bool `db:"org_full"`
+	// AgentChanged tells that the outcome changed the agent's status.
+	AgentChanged bool `db:"agent_changed"`
 }
 
 // Progress records a progress report of the attempt a worker holds; false
