@@ -78,6 +78,20 @@ func (b *batcher[T, R]) loop() {
 			in[i] = c.in
 		}
 		out, err := b.runWithRetry(in)
+		if err != nil && n > 1 {
+			// One bad call (a command whose agent was just deleted, say)
+			// must not fail the others: run each alone.
+			for i, c := range calls {
+				res, err := b.runWithRetry(in[i : i+1])
+				if err != nil {
+					c.err = err
+				} else {
+					c.out = res[0]
+				}
+				close(c.done)
+			}
+			continue
+		}
 		for i, c := range calls {
 			if err != nil {
 				c.err = err

@@ -2,6 +2,7 @@ package commands
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"sync"
@@ -9,7 +10,10 @@ import (
 	"testing"
 	"time"
 
+	"github.com/google/uuid"
 	"github.com/lib/pq"
+
+	"github.com/agentry/agentry/internal/platform"
 )
 
 // Concurrent calls share batches, each gets its own result, and no batch
@@ -98,6 +102,43 @@ func TestBatcherRetriesDeadlocks(t *testing.T) {
 	}
 }
 
+// A batch that fails runs again call by call: only the bad call fails.
+func TestBatcherIsolatesABadCall(t *testing.T) {
+	t.Parallel()
+	release := make(chan struct{})
+	var first atomic.Bool
+	b := newBatcher(1, 8, func(_ context.Context, in []int) ([]int, error) {
+		if first.CompareAndSwap(false, true) {
+			<-release // hold the lane so that the next calls batch up
+		}
+		for _, v := range in {
+			if v < 0 {
+				return nil, errors.New("negative")
+			}
+		}
+		return in, nil
+	})
+	var wg sync.WaitGroup
+	errs := make([]error, 6)
+	for i := range 6 {
+		wg.Go(func() {
+			v := i
+			if i == 3 {
+				v = -1
+			}
+			_, errs[i] = b.do(v)
+		})
+	}
+	time.Sleep(50 * time.Millisecond)
+	close(release)
+	wg.Wait()
+	for i, err := range errs {
+		if (err != nil) != (i == 3) {
+			t.Fatalf("call %d: err %v; want an error for call 3 only", i, err)
+		}
+	}
+}
+
 // Two deliveries of one attempt in one batch: exactly one claims it; and a
 // batch of outcomes records each for its own attempt only.
 func TestClaimManyAndFinishMany(t *testing.T) {
@@ -135,4 +176,58 @@ func TestClaimManyAndFinishMany(t *testing.T) {
 		t.Fatal("a refused outcome changed the command")
 	}
 	f.checkLoad(f.org, "after the batch", [2]int{1, 0})
+}
+
+// Commands dispatched at once are stored together, in order, the same
+// idempotency key once, and one for a missing agent fails alone.
+func TestConcurrentInserts(t *testing.T) {
+	t.Parallel()
+	f := newFixture(t, Limits{OrgMaxInFlight: 100, OrgMaxQueued: 100})
+	ctx := context.Background()
+	agent := f.newAgent(f.org, nil)
+	key := "same-key"
+	var wg sync.WaitGroup
+	type result struct {
+		c       *platform.Command
+		created bool
+		err     error
+	}
+	results := make([]result, 30)
+	for i := range 30 {
+		wg.Go(func() {
+			c := &platform.Command{Base: platform.Base{ID: uuid.NewString(), OrgID: f.org, OwnerID: f.user}, AgentID: agent,
+				Task: "agent:echo", Payload: json.RawMessage(`{}`), TimeoutS: 60}
+			switch {
+			case i%10 == 0:
+				c.IdempotencyKey = &key
+			case i == 7:
+				c.AgentID = uuid.NewString() // no such agent
+			}
+			out, created, err := f.store.Insert(ctx, c)
+			results[i] = result{out, created, err}
+		})
+	}
+	wg.Wait()
+	var keyed []string
+	for i, r := range results {
+		switch {
+		case i == 7:
+			if r.err == nil {
+				t.Fatal("a command for a missing agent was stored")
+			}
+		case r.err != nil:
+			t.Fatalf("insert %d: %v", i, r.err)
+		case i%10 == 0:
+			keyed = append(keyed, r.c.ID)
+		case !r.created:
+			t.Fatalf("insert %d: not created", i)
+		}
+	}
+	if len(keyed) != 3 || keyed[0] != keyed[1] || keyed[1] != keyed[2] {
+		t.Fatalf("want one command for the idempotency key, got %v", keyed)
+	}
+	var n int
+	if err := f.db.Get(&n, `SELECT count(*) FROM commands WHERE agent_id = $1`, agent); err != nil || n != 27 {
+		t.Fatalf("want 27 commands stored, got %d (%v)", n, err)
+	}
 }

@@ -149,7 +149,7 @@ func (d *Dispatcher) Admit(ctx context.Context, agentID string) int {
 	// Admissions of agents at once go together: one transaction, one
 	// organization lock for all.
 	d.admitOnce.Do(func() {
-		d.admissions = newBatcher(2, batchMax, func(ctx context.Context, agents []string) ([][]Admitted, error) {
+		d.admissions = newBatcher(1, batchMax, func(ctx context.Context, agents []string) ([][]Admitted, error) {
 			admitted, err := d.Store.AdmitAgents(ctx, agents)
 			if err != nil {
 				return nil, err

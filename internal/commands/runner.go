@@ -68,7 +68,7 @@ func (r *Runner) store() *Store { return r.Dispatcher.Store }
 // Claims and outcomes of the commands running at once go to PostgreSQL
 // together, a statement for many (see batcher).
 const (
-	batchLanes = 4
+	batchLanes = 1
 	batchMax   = 64
 )
 

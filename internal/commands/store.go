@@ -36,6 +36,9 @@ type Store struct {
 
 	mu    sync.Mutex
 	stmts map[string]*sqlx.Stmt
+
+	insertOnce sync.Once
+	inserts    *batcher[*platform.Command, *platform.Command]
 }
 
 // stmt returns query prepared on the pool. The statements a command goes
@@ -107,21 +110,15 @@ const agentStatus = `ag AS (
 // idempotency key already used by the same caller within 24 hours it stores
 // nothing and returns the earlier command (created false).
 func (s *Store) Insert(ctx context.Context, c *platform.Command) (stored *platform.Command, created bool, err error) {
+	// Commands dispatched at once are inserted together.
+	s.insertOnce.Do(func() { s.inserts = newBatcher(2, batchMax, s.InsertMany) })
 	for range 3 {
-		out := &platform.Command{}
-		// Inserts the command (skipping a used idempotency key) and its
-		// "queued" event; returns the stored command, or no row.
-		err := s.get(ctx, out, `WITH done AS (
-				INSERT INTO commands (id, org_id, owner_id, agent_id, task, payload, priority, timeout_s, max_retries, idempotency_key, request_hash, schedule_id, fire_time)
-				VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)
-				ON CONFLICT DO NOTHING
-				RETURNING *),
-			ev AS (INSERT INTO command_events (command_id, type, status) SELECT id, 'queued', status FROM done)
-			SELECT * FROM done`,
-			c.ID, c.OrgID, c.OwnerID, c.AgentID, c.Task, string(c.Payload), c.Priority, c.TimeoutS, c.MaxRetries,
-			c.IdempotencyKey, c.RequestHash, c.ScheduleID, c.FireTime)
-		if err == nil {
+		out, err := s.inserts.do(c)
+		if err == nil && out != nil {
 			return out, true, nil
+		}
+		if err == nil {
+			err = sql.ErrNoRows
 		}
 		if !errors.Is(err, sql.ErrNoRows) {
 			return nil, false, sqlq.MapError(err, "command not found")
@@ -146,6 +143,64 @@ func (s *Store) Insert(ctx context.Context, c *platform.Command) (stored *platfo
 		}
 	}
 	return nil, false, platform.Errorf(platform.ECONFLICT, "the idempotency key is in use by a concurrent request; retry")
+}
+
+// InsertMany stores new queued commands and their first events in one
+// statement. The result is in the order of cs; a command whose idempotency
+// key or schedule fire time is taken is not stored (nil).
+func (s *Store) InsertMany(ctx context.Context, cs []*platform.Command) ([]*platform.Command, error) {
+	n := len(cs)
+	ids, orgs, owners, agents := make([]string, n), make([]string, n), make([]string, n), make([]string, n)
+	task, payload := make([]string, n), make([]string, n)
+	priority, timeout, retries := make([]int64, n), make([]int64, n), make([]int64, n)
+	key, hash, schedule, fire := make([]sql.NullString, n), make([]sql.NullString, n), make([]sql.NullString, n), make([]sql.NullString, n)
+	for i, c := range cs {
+		ids[i], orgs[i], owners[i], agents[i], task[i], payload[i] = c.ID, c.OrgID, c.OwnerID, c.AgentID, c.Task, string(c.Payload)
+		priority[i], timeout[i], retries[i] = int64(c.Priority), int64(c.TimeoutS), int64(c.MaxRetries)
+		key[i] = nullString(c.IdempotencyKey)
+		hash[i] = nullString(c.RequestHash)
+		schedule[i] = nullString(c.ScheduleID)
+		if c.FireTime != nil {
+			fire[i] = sql.NullString{String: c.FireTime.UTC().Format(time.RFC3339Nano), Valid: true}
+		}
+	}
+	var rows []*platform.Command
+	// Inserts the commands (skipping used idempotency keys and fired
+	// schedule times), stamped in order, and their "queued" events; returns
+	// the stored commands.
+	err := s.sel(ctx, &rows, `WITH done AS (
+			INSERT INTO commands (id, org_id, owner_id, agent_id, task, payload, priority, timeout_s, max_retries,
+				idempotency_key, request_hash, schedule_id, fire_time, created_at)
+			SELECT r.id, r.org_id, r.owner_id, r.agent_id, r.task, r.payload::jsonb, r.priority, r.timeout_s, r.max_retries,
+				r.idempotency_key, r.request_hash, r.schedule_id::uuid, r.fire_time::timestamptz, clock_timestamp()
+			FROM unnest($1::uuid[], $2::uuid[], $3::uuid[], $4::uuid[], $5::text[], $6::text[], $7::integer[], $8::integer[], $9::integer[],
+				$10::text[], $11::text[], $12::text[], $13::text[])
+				AS r(id, org_id, owner_id, agent_id, task, payload, priority, timeout_s, max_retries, idempotency_key, request_hash, schedule_id, fire_time)
+			ON CONFLICT DO NOTHING
+			RETURNING *),
+		ev AS (INSERT INTO command_events (command_id, type, status) SELECT id, 'queued', status FROM done)
+		SELECT * FROM done`,
+		pq.Array(ids), pq.Array(orgs), pq.Array(owners), pq.Array(agents), pq.Array(task), pq.Array(payload),
+		pq.Array(priority), pq.Array(timeout), pq.Array(retries), pq.Array(key), pq.Array(hash), pq.Array(schedule), pq.Array(fire))
+	if err != nil {
+		return nil, sqlq.MapError(err, "command not found")
+	}
+	byID := make(map[string]*platform.Command, len(rows))
+	for _, c := range rows {
+		byID[c.ID] = c
+	}
+	out := make([]*platform.Command, n)
+	for i, c := range cs {
+		out[i] = byID[c.ID]
+	}
+	return out, nil
+}
+
+func nullString(p *string) sql.NullString {
+	if p == nil {
+		return sql.NullString{}
+	}
+	return sql.NullString{String: *p, Valid: true}
 }
 
 // AdmitAgent admits what it can of an agent's backlog.
