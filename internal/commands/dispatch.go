@@ -13,6 +13,7 @@ import (
 
 	"github.com/google/uuid"
 
+	"github.com/agentry/agentry/internal/batch"
 	"github.com/agentry/agentry/internal/events"
 	"github.com/agentry/agentry/internal/platform"
 	"github.com/agentry/agentry/tasks"
@@ -50,7 +51,7 @@ type Dispatcher struct {
 	AgentChanged func(ctx context.Context, agentID string)
 
 	admitOnce  sync.Once
-	admissions *batcher[string, []Admitted]
+	admissions *batch.Batcher[string, []Admitted]
 }
 
 func (d *Dispatcher) agentChanged(ctx context.Context, agentID string) {
@@ -149,7 +150,7 @@ func (d *Dispatcher) Admit(ctx context.Context, agentID string) int {
 	// Admissions of agents at once go together: one transaction, one
 	// organization lock for all.
 	d.admitOnce.Do(func() {
-		d.admissions = newBatcher(1, batchMax, func(ctx context.Context, agents []string) ([][]Admitted, error) {
+		d.admissions = batch.New(1, batchMax, func(ctx context.Context, agents []string) ([][]Admitted, error) {
 			admitted, err := d.Store.AdmitAgents(ctx, agents)
 			if err != nil {
 				return nil, err
@@ -166,7 +167,7 @@ func (d *Dispatcher) Admit(ctx context.Context, agentID string) int {
 			return out, nil
 		})
 	})
-	admitted, err := d.admissions.do(agentID)
+	admitted, err := d.admissions.Do(agentID)
 	if err != nil {
 		d.Logger.WarnContext(ctx, "admission failed; the reconciler will retry", "agent_id", agentID, "err", err)
 		return 0

@@ -12,6 +12,7 @@ import (
 
 	"github.com/hibiken/asynq"
 
+	"github.com/agentry/agentry/internal/batch"
 	"github.com/agentry/agentry/internal/events"
 	"github.com/agentry/agentry/internal/platform"
 	"github.com/agentry/agentry/internal/secrets"
@@ -46,8 +47,8 @@ type Runner struct {
 	OnFinish func(ctx context.Context, c *platform.Command)
 
 	batchOnce sync.Once
-	claims    *batcher[Attempt, *Claimed]
-	endings   *batcher[Ending, *Finished]
+	claims    *batch.Batcher[Attempt, *Claimed]
+	endings   *batch.Batcher[Ending, *Finished]
 
 	mu      sync.Mutex
 	running map[string]*execution
@@ -74,23 +75,23 @@ const (
 
 func (r *Runner) batchers() {
 	r.batchOnce.Do(func() {
-		r.claims = newBatcher(batchLanes, batchMax, func(ctx context.Context, in []Attempt) ([]*Claimed, error) {
+		r.claims = batch.New(batchLanes, batchMax, func(ctx context.Context, in []Attempt) ([]*Claimed, error) {
 			return r.store().ClaimMany(ctx, in, r.WorkerID, r.lease())
 		})
-		r.endings = newBatcher(batchLanes, batchMax, r.store().FinishMany)
+		r.endings = batch.New(batchLanes, batchMax, r.store().FinishMany)
 	})
 }
 
 // claim claims an attempt, with the claims of other commands starting now.
 func (r *Runner) claim(id string, attempt int) (*Claimed, error) {
 	r.batchers()
-	return r.claims.do(Attempt{ID: id, Attempt: attempt})
+	return r.claims.Do(Attempt{ID: id, Attempt: attempt})
 }
 
 // record records an outcome, with those of other commands ending now.
 func (r *Runner) record(id string, attempt int, o Outcome) (*Finished, error) {
 	r.batchers()
-	return r.endings.do(Ending{Attempt: Attempt{ID: id, Attempt: attempt}, Outcome: o})
+	return r.endings.Do(Ending{Attempt: Attempt{ID: id, Attempt: attempt}, Outcome: o})
 }
 
 func (r *Runner) lease() time.Duration { return 3 * r.Heartbeat }

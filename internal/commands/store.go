@@ -12,6 +12,7 @@ import (
 	"github.com/jmoiron/sqlx"
 	"github.com/lib/pq"
 
+	"github.com/agentry/agentry/internal/batch"
 	"github.com/agentry/agentry/internal/platform"
 	"github.com/agentry/agentry/internal/sqlq"
 )
@@ -38,7 +39,7 @@ type Store struct {
 	stmts map[string]*sqlx.Stmt
 
 	insertOnce sync.Once
-	inserts    *batcher[*platform.Command, *platform.Command]
+	inserts    *batch.Batcher[*platform.Command, *platform.Command]
 }
 
 // stmt returns query prepared on the pool. The statements a command goes
@@ -111,9 +112,9 @@ const agentStatus = `ag AS (
 // nothing and returns the earlier command (created false).
 func (s *Store) Insert(ctx context.Context, c *platform.Command) (stored *platform.Command, created bool, err error) {
 	// Commands dispatched at once are inserted together.
-	s.insertOnce.Do(func() { s.inserts = newBatcher(2, batchMax, s.InsertMany) })
+	s.insertOnce.Do(func() { s.inserts = batch.New(2, batchMax, s.InsertMany) })
 	for range 3 {
-		out, err := s.inserts.do(c)
+		out, err := s.inserts.Do(c)
 		if err == nil && out != nil {
 			return out, true, nil
 		}

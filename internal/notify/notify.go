@@ -10,11 +10,14 @@ import (
 	"encoding/json"
 	"errors"
 	"log/slog"
+	"sync"
 	"time"
 
 	"github.com/google/uuid"
 	"github.com/jmoiron/sqlx"
+	"github.com/lib/pq"
 
+	"github.com/agentry/agentry/internal/batch"
 	"github.com/agentry/agentry/internal/events"
 	"github.com/agentry/agentry/internal/platform"
 )
@@ -38,29 +41,70 @@ type Service struct {
 	DB     *sqlx.DB
 	Events *events.Bus
 	Logger *slog.Logger
+
+	once   sync.Once
+	stores *batch.Batcher[Notification, *Notification]
 }
 
 // Notify stores n and delivers it live, unless its recipient muted its
 // kind. It returns the stored notification, or nil when muted.
+// Notifications sent at once (commands ending together) are stored in one
+// statement.
 func (s *Service) Notify(ctx context.Context, n Notification) (*Notification, error) {
 	n.ID = uuid.NewString()
 	if n.Data == nil {
 		n.Data = platform.JSONObject{}
 	}
-	out := &Notification{}
-	// Stores the notification unless the user muted its kind; returns it.
-	err := s.DB.GetContext(ctx, out, `INSERT INTO notifications (id, org_id, owner_id, user_id, kind, title, body, data)
-		SELECT $1, $2, $3, $4, $5, $6, $7, $8 FROM users u
-		WHERE u.id = $4 AND NOT (u.muted_kinds ? $5)
-		RETURNING *`, n.ID, n.OrgID, n.OwnerID, n.UserID, n.Kind, n.Title, n.Body, n.Data)
-	if err != nil {
-		if isNoRows(err) {
-			return nil, nil
-		}
+	s.once.Do(func() { s.stores = batch.New(1, 64, s.store) })
+	out, err := s.stores.Do(n)
+	if err != nil || out == nil {
 		return nil, err
 	}
 	if err := s.Events.Publish(ctx, "notification", out, events.UserTopic(n.UserID)); err != nil {
 		s.Logger.WarnContext(ctx, "notification stored but not delivered live", "id", out.ID, "err", err)
+	}
+	return out, nil
+}
+
+// store stores notifications whose recipients did not mute their kinds; the
+// result is in the order of ns, nil for a muted one.
+func (s *Service) store(ctx context.Context, ns []Notification) ([]*Notification, error) {
+	k := len(ns)
+	ids, users, kinds, titles, bodies, data := make([]string, k), make([]string, k), make([]string, k), make([]string, k), make([]string, k), make([]string, k)
+	orgs, owners := make([]sql.NullString, k), make([]sql.NullString, k)
+	for i, n := range ns {
+		raw, err := json.Marshal(n.Data)
+		if err != nil {
+			return nil, err
+		}
+		ids[i], users[i], kinds[i], titles[i], bodies[i], data[i] = n.ID, n.UserID, n.Kind, n.Title, n.Body, string(raw)
+		if n.OrgID != nil {
+			orgs[i] = sql.NullString{String: *n.OrgID, Valid: true}
+		}
+		if n.OwnerID != nil {
+			owners[i] = sql.NullString{String: *n.OwnerID, Valid: true}
+		}
+	}
+	var rows []*Notification
+	// Stores each notification unless its user muted its kind; returns
+	// those stored.
+	err := s.DB.SelectContext(ctx, &rows, `INSERT INTO notifications (id, org_id, owner_id, user_id, kind, title, body, data)
+		SELECT r.id, r.org_id::uuid, r.owner_id::uuid, r.user_id, r.kind, r.title, r.body, r.data::jsonb
+		FROM unnest($1::uuid[], $2::text[], $3::text[], $4::uuid[], $5::text[], $6::text[], $7::text[], $8::text[])
+			AS r(id, org_id, owner_id, user_id, kind, title, body, data)
+		JOIN users u ON u.id = r.user_id
+		WHERE NOT (u.muted_kinds ? r.kind)
+		RETURNING *`, pq.Array(ids), pq.Array(orgs), pq.Array(owners), pq.Array(users), pq.Array(kinds), pq.Array(titles), pq.Array(bodies), pq.Array(data))
+	if err != nil {
+		return nil, err
+	}
+	byID := make(map[string]*Notification, len(rows))
+	for _, n := range rows {
+		byID[n.ID] = n
+	}
+	out := make([]*Notification, k)
+	for i, n := range ns {
+		out[i] = byID[n.ID]
 	}
 	return out, nil
 }

@@ -1,4 +1,7 @@
-package commands
+// Package batch runs concurrent calls together: the calls that arrive while
+// a batch runs go in the next one, so one statement does the work of many
+// under load, and an idle caller waits for nothing.
+package batch
 
 import (
 	"context"
@@ -9,7 +12,7 @@ import (
 	"github.com/lib/pq"
 )
 
-// batcher runs calls together: while a batch is being run, the calls that
+// Batcher runs calls together: while a batch is being run, the calls that
 // arrive wait and go together in the next one. It adds no delay: an idle
 // batcher runs a call at once, alone. Under load, one statement then does
 // the work of many, which is what lets a few PostgreSQL connections keep up
@@ -17,7 +20,7 @@ import (
 //
 // No goroutine outlives the work: a run starts one when there is none (up
 // to lanes at a time), and it ends when nothing is left to run.
-type batcher[T, R any] struct {
+type Batcher[T, R any] struct {
 	// run does a batch; its result is in the order of in.
 	run   func(ctx context.Context, in []T) ([]R, error)
 	lanes int
@@ -38,14 +41,19 @@ type batchCall[T, R any] struct {
 // batchTimeout bounds one batch's statement.
 const batchTimeout = 30 * time.Second
 
-func newBatcher[T, R any](lanes, max int, run func(ctx context.Context, in []T) ([]R, error)) *batcher[T, R] {
-	return &batcher[T, R]{run: run, lanes: lanes, max: max}
+// New returns a batcher running at most lanes batches at once, of at most
+// max calls each. run does a batch; its result is in the order of in. A
+// batch that PostgreSQL chose as a deadlock's victim runs again; a batch
+// that fails otherwise runs again call by call, so that a bad call fails
+// alone.
+func New[T, R any](lanes, max int, run func(ctx context.Context, in []T) ([]R, error)) *Batcher[T, R] {
+	return &Batcher[T, R]{run: run, lanes: lanes, max: max}
 }
 
-// do runs in with the next batch and returns its result. It waits for the
+// Do runs in with the next batch and returns its result. It waits for the
 // batch even if ctx ends: the batch may have done its work, which the
 // caller must know of (a claimed attempt is the caller's to run).
-func (b *batcher[T, R]) do(in T) (R, error) {
+func (b *Batcher[T, R]) Do(in T) (R, error) {
 	c := &batchCall[T, R]{in: in, done: make(chan struct{})}
 	b.mu.Lock()
 	b.pending = append(b.pending, c)
@@ -59,7 +67,7 @@ func (b *batcher[T, R]) do(in T) (R, error) {
 }
 
 // loop runs batches until nothing is pending.
-func (b *batcher[T, R]) loop() {
+func (b *Batcher[T, R]) loop() {
 	for {
 		b.mu.Lock()
 		if len(b.pending) == 0 {
@@ -105,7 +113,7 @@ func (b *batcher[T, R]) loop() {
 
 // runWithRetry runs a batch, again if PostgreSQL chose it as a deadlock's
 // victim (batches of concurrent workers lock agents' rows in no set order).
-func (b *batcher[T, R]) runWithRetry(in []T) ([]R, error) {
+func (b *Batcher[T, R]) runWithRetry(in []T) ([]R, error) {
 	for try := 0; ; try++ {
 		ctx, cancel := context.WithTimeout(context.Background(), batchTimeout)
 		out, err := b.run(ctx, in)
