@@ -10,9 +10,12 @@ import (
 	"encoding/json"
 	"fmt"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/redis/go-redis/v9"
+
+	"github.com/agentry/agentry/internal/batch"
 )
 
 // Event is one message on a topic. ID is its stream entry id in that topic:
@@ -35,6 +38,16 @@ type Bus struct {
 	prefix string
 	maxLen int64
 	ttl    time.Duration
+
+	once sync.Once
+	pubs *batch.Batcher[publication, error]
+}
+
+// publication is one Publish call.
+type publication struct {
+	typ    string
+	data   []byte
+	topics []string
 }
 
 // NewBus returns a bus whose keys start with prefix and whose streams keep
@@ -63,19 +76,71 @@ redis.call('PUBLISH', ARGV[3], '{"type":' .. cjson.encode(ARGV[4]) .. ',"topic":
 return id`)
 
 // Publish sends an event of typ with data (marshalled to JSON) to every topic.
+//
+// Events published at once (by commands starting or ending together) go to
+// Redis in one pipeline.
 func (b *Bus) Publish(ctx context.Context, typ string, data any, topics ...string) error {
 	raw, err := json.Marshal(data)
 	if err != nil {
 		return err
 	}
-	pipe := b.rdb.Pipeline()
-	for _, topic := range topics {
-		publish.Eval(ctx, pipe, []string{b.StreamKey(topic)}, b.maxLen, b.ttl.Milliseconds(), b.Channel(topic), typ, topic, string(raw))
+	b.once.Do(func() { b.pubs = batch.New(1, 128, b.publishMany) })
+	perr, err := b.pubs.Do(publication{typ: typ, data: raw, topics: topics})
+	if err == nil {
+		err = perr
 	}
-	if _, err := pipe.Exec(ctx); err != nil {
+	if err != nil {
 		return fmt.Errorf("events: publish %s: %w", typ, err)
 	}
 	return nil
+}
+
+// publishMany runs the publish script for every topic of ps in one
+// pipeline, by its hash; scripts Redis does not hold (after a restart) are
+// sent whole, once more. Each publication gets its own error: one that
+// failed is not sent again with those that did not.
+func (b *Bus) publishMany(ctx context.Context, ps []publication) ([]error, error) {
+	type call struct {
+		i     int
+		topic string
+		cmd   *redis.Cmd
+	}
+	var calls []call
+	pipe := b.rdb.Pipeline()
+	for i, p := range ps {
+		for _, topic := range p.topics {
+			calls = append(calls, call{i, topic, publish.EvalSha(ctx, pipe, []string{b.StreamKey(topic)}, b.args(p, topic)...)})
+		}
+	}
+	_, _ = pipe.Exec(ctx) // each command holds its own error
+	errs := make([]error, len(ps))
+	var again []call
+	for _, c := range calls {
+		switch err := c.cmd.Err(); {
+		case redis.HasErrorPrefix(err, "NOSCRIPT"):
+			again = append(again, c)
+		case err != nil && errs[c.i] == nil:
+			errs[c.i] = err
+		}
+	}
+	if len(again) > 0 {
+		pipe = b.rdb.Pipeline()
+		for k, c := range again {
+			again[k].cmd = publish.Eval(ctx, pipe, []string{b.StreamKey(c.topic)}, b.args(ps[c.i], c.topic)...)
+		}
+		_, _ = pipe.Exec(ctx)
+		for _, c := range again {
+			if err := c.cmd.Err(); err != nil && errs[c.i] == nil {
+				errs[c.i] = err
+			}
+		}
+	}
+	return errs, nil
+}
+
+// args are the publish script's arguments for p on topic.
+func (b *Bus) args(p publication, topic string) []any {
+	return []any{b.maxLen, b.ttl.Milliseconds(), b.Channel(topic), p.typ, topic, string(p.data)}
 }
 
 // Since returns the events of topic after the id since ("" or "0": from the

@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"slices"
+	"sync"
 	"testing"
 	"time"
 
@@ -266,5 +267,51 @@ func TestSignals(t *testing.T) {
 	}
 	cancel()
 	for range ch {
+	}
+}
+
+// Publishing works again after Redis lost its scripts (a restart), and
+// events published at once all land, in order per topic.
+func TestPublishAfterScriptFlushAndConcurrently(t *testing.T) {
+	t.Parallel()
+	rdb, prefix := testenv.Redis(t)
+	b := events.NewBus(rdb, prefix, 1000)
+	ctx := context.Background()
+	if err := b.Publish(ctx, "n", map[string]int{"n": 0}, events.AgentTopic("a")); err != nil {
+		t.Fatal(err)
+	}
+	if err := rdb.ScriptFlush(ctx).Err(); err != nil {
+		t.Fatal(err)
+	}
+	if err := b.Publish(ctx, "n", map[string]int{"n": 1}, events.AgentTopic("a")); err != nil {
+		t.Fatalf("after SCRIPT FLUSH: %v", err)
+	}
+	var wg sync.WaitGroup
+	for g := range 8 {
+		wg.Go(func() {
+			topic := events.AgentTopic(fmt.Sprint("g", g))
+			for i := range 25 {
+				if err := b.Publish(ctx, "n", map[string]int{"n": i}, topic); err != nil {
+					t.Error(err)
+					return
+				}
+			}
+		})
+	}
+	wg.Wait()
+	for g := range 8 {
+		got, err := b.Since(ctx, events.AgentTopic(fmt.Sprint("g", g)), "", 100)
+		if err != nil {
+			t.Fatal(err)
+		}
+		seq := seqOf(t, got)
+		if len(seq) != 25 {
+			t.Fatalf("topic g%d: want 25 events, got %d", g, len(seq))
+		}
+		for i, s := range seq {
+			if s != i {
+				t.Fatalf("topic g%d: out of order: %v", g, seq)
+			}
+		}
 	}
 }
