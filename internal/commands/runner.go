@@ -343,6 +343,19 @@ func (r *Runner) finish(ctx context.Context, c *Claimed, o Outcome, ran time.Dur
 	if done.Status != o.Status {
 		o.Event = done.Status // a retry of a command being cancelled ended it canceled
 	}
+	// The outcome is recorded: free the queue's worker slot for the next
+	// command now, and tell the world in the background (Stop waits).
+	r.wg.Add(1)
+	go func() {
+		defer r.wg.Done()
+		r.followUp(wctx, c, done, o, ran)
+	}()
+}
+
+// followUp does what follows a recorded outcome: metrics, the event, the
+// retry's task or the notification, and the admission of what waited for
+// the freed slots.
+func (r *Runner) followUp(wctx context.Context, c *Claimed, done *Finished, o Outcome, ran time.Duration) {
 	if r.Metrics != nil {
 		switch o.Event {
 		case "retrying":
@@ -362,7 +375,7 @@ func (r *Runner) finish(ctx context.Context, c *Claimed, o Outcome, ran time.Dur
 			delay = time.Until(*o.NotBefore)
 		}
 		if err := r.Dispatcher.Queue.Enqueue(wctx, done.ID, done.Attempt+1, time.Duration(done.TimeoutS)*time.Second, delay); err != nil {
-			r.Logger.WarnContext(ctx, "retry not enqueued; the reconciler will", "command_id", done.ID, "err", err)
+			r.Logger.WarnContext(wctx, "retry not enqueued; the reconciler will", "command_id", done.ID, "err", err)
 		}
 		return
 	}
