@@ -387,6 +387,19 @@ func (h *Handle[T]) Get(ctx context.Context, id, action string) (*T, *platform.P
 	return row, p, err
 }
 
+// GetUncached is Get reading the database, not the cache: for rows that
+// change more often than they are read (an agent being dispatched to
+// flips between busy and idle with each of its commands, so its cache
+// entry is mostly stale, and a miss costs more than the read).
+func (h *Handle[T]) GetUncached(ctx context.Context, id, action string) (*T, *platform.Principal, error) {
+	p, err := h.reg.Guard.Caller(ctx)
+	if err != nil {
+		return nil, nil, err
+	}
+	row, err := h.load(ctx, nil, p, id, action, false)
+	return row, p, err
+}
+
 // GetForUpdate is Get inside tx, locking the row until tx ends.
 func (h *Handle[T]) GetForUpdate(ctx context.Context, tx *sqlx.Tx, id, action string) (*T, *platform.Principal, error) {
 	p, err := h.reg.Guard.Caller(ctx)
