@@ -203,10 +203,21 @@ func (r *Runner) ProcessTask(ctx context.Context, t *asynq.Task) error {
 		}
 		r.Metrics.Started(c.Task, time.Since(since))
 	}
-	if c.AgentChanged {
-		r.Dispatcher.agentChanged(ctx, c.AgentID)
-	}
-	publishCommand(ctx, r.Dispatcher.Events, r.Logger, "command.running", &c.Command)
+	// The claim started the command; telling the world is not on the way
+	// to its handler. Later events of the command wait for this one, so
+	// that they keep their order.
+	c.announced = make(chan struct{})
+	running := c.Command // the handler's progress changes c as this goes
+	r.wg.Add(1)
+	go func() {
+		defer r.wg.Done()
+		defer close(c.announced)
+		actx := context.WithoutCancel(ctx)
+		if c.AgentChanged {
+			r.Dispatcher.agentChanged(actx, c.AgentID)
+		}
+		publishCommand(actx, r.Dispatcher.Events, r.Logger, "command.running", &running)
+	}()
 	if c.OrgFull {
 		r.wg.Add(1)
 		go func() {
@@ -249,7 +260,7 @@ func (r *Runner) execute(ctx context.Context, c *Claimed) Outcome {
 		r.mu.Unlock()
 	}()
 
-	rep := r.newReporter(ctx, &c.Command)
+	rep := r.newReporter(ctx, &c.Command, c.announced)
 	run.Progress = rep
 	result, err := safeExecute(runCtx, def, run, c.Payload)
 	o := r.outcome(ctx, runCtx, c, def, result, err)
@@ -343,6 +354,17 @@ func (r *Runner) finish(ctx context.Context, c *Claimed, o Outcome, ran time.Dur
 	if done.Status != o.Status {
 		o.Event = done.Status // a retry of a command being cancelled ended it canceled
 	}
+	if done.Status == platform.CommandQueued {
+		// A retry or a hand-back: its next attempt goes to the queue before
+		// this one leaves it.
+		var delay time.Duration
+		if o.NotBefore != nil {
+			delay = time.Until(*o.NotBefore)
+		}
+		if err := r.Dispatcher.Queue.Enqueue(wctx, done.ID, done.Attempt+1, time.Duration(done.TimeoutS)*time.Second, delay); err != nil {
+			r.Logger.WarnContext(wctx, "retry not enqueued; the reconciler will", "command_id", done.ID, "err", err)
+		}
+	}
 	// The outcome is recorded: free the queue's worker slot for the next
 	// command now, and tell the world in the background (Stop waits).
 	r.wg.Add(1)
@@ -352,10 +374,11 @@ func (r *Runner) finish(ctx context.Context, c *Claimed, o Outcome, ran time.Dur
 	}()
 }
 
-// followUp does what follows a recorded outcome: metrics, the event, the
-// retry's task or the notification, and the admission of what waited for
-// the freed slots.
+// followUp does what follows a recorded outcome: metrics, the event, and
+// for a command that ended, the notification and the admission of what
+// waited for the slots it freed.
 func (r *Runner) followUp(wctx context.Context, c *Claimed, done *Finished, o Outcome, ran time.Duration) {
+	<-c.announced
 	if r.Metrics != nil {
 		switch o.Event {
 		case "retrying":
@@ -370,14 +393,7 @@ func (r *Runner) followUp(wctx context.Context, c *Claimed, done *Finished, o Ou
 	}
 	publishCommand(wctx, r.Dispatcher.Events, r.Logger, "command."+o.Event, &done.Command)
 	if done.Status == platform.CommandQueued {
-		var delay time.Duration
-		if o.NotBefore != nil {
-			delay = time.Until(*o.NotBefore)
-		}
-		if err := r.Dispatcher.Queue.Enqueue(wctx, done.ID, done.Attempt+1, time.Duration(done.TimeoutS)*time.Second, delay); err != nil {
-			r.Logger.WarnContext(wctx, "retry not enqueued; the reconciler will", "command_id", done.ID, "err", err)
-		}
-		return
+		return // its next attempt is queued already
 	}
 	if r.OnFinish != nil {
 		r.OnFinish(wctx, &done.Command)
@@ -446,21 +462,24 @@ func (r *Runner) loadEnvironment(ctx context.Context, id string, run *tasks.Run)
 // reporter throttles a handler's progress: the latest report and the log
 // lines are written and published at most every ProgressEvery.
 type reporter struct {
-	r       *Runner
-	ctx     context.Context
-	cmd     *platform.Command
-	mu      sync.Mutex
-	percent int
-	message string
-	dirty   bool
-	lines   []string
-	dropped int
-	stop    chan struct{}
-	done    chan struct{}
+	r   *Runner
+	ctx context.Context
+	cmd *platform.Command
+	// announced is closed once the command's running event is out.
+	announced <-chan struct{}
+	mu        sync.Mutex
+	percent   int
+	message   string
+	dirty     bool
+	lines     []string
+	dropped   int
+	stop      chan struct{}
+	done      chan struct{}
 }
 
-func (r *Runner) newReporter(ctx context.Context, c *platform.Command) *reporter {
-	rep := &reporter{r: r, ctx: context.WithoutCancel(ctx), cmd: c, percent: c.Progress, stop: make(chan struct{}), done: make(chan struct{})}
+func (r *Runner) newReporter(ctx context.Context, c *platform.Command, announced <-chan struct{}) *reporter {
+	rep := &reporter{r: r, ctx: context.WithoutCancel(ctx), cmd: c, percent: c.Progress, announced: announced,
+		stop: make(chan struct{}), done: make(chan struct{})}
 	go rep.loop()
 	return rep
 }
@@ -543,6 +562,9 @@ func (rep *reporter) flush(final bool) {
 			Snapshot
 			Lines []string `json:"lines"`
 		}{SnapshotOf(rep.cmd), lines}
+	}
+	if rep.announced != nil {
+		<-rep.announced
 	}
 	if err := rep.r.Dispatcher.Events.Publish(rep.ctx, typ, data, events.CommandTopic(rep.cmd.ID), events.AgentTopic(rep.cmd.AgentID)); err != nil {
 		rep.r.Logger.Warn("progress not published", "command_id", rep.cmd.ID, "err", err)

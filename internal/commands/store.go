@@ -340,6 +340,9 @@ type Claimed struct {
 	OrgFull bool `db:"org_full"`
 	// AgentChanged tells that the claim changed the agent's status.
 	AgentChanged bool `db:"agent_changed"`
+
+	// announced is closed once the running event is published.
+	announced chan struct{}
 }
 
 // orgQueuedFull tells whether the organization's queue was full ($5 its
