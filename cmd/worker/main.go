@@ -81,7 +81,11 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 	commands.SetTransient(sqlq.IsUnavailable)
 	queue := commands.NewQueue(asynq.NewClientFromRedisClient(rdb), s.RedisPrefix)
 	bus := events.NewBus(rdb, s.RedisPrefix, s.EventStreamMaxLen)
-	notifications := &notify.Service{DB: db, Events: bus, Logger: logger}
+	// A worker's events and notifications are on nobody's way (a command's
+	// handler does not wait for them): they wait a moment for others to go
+	// together, which spares Redis and PostgreSQL round trips under load.
+	bus.Linger = 2 * time.Millisecond
+	notifications := &notify.Service{DB: db, Events: bus, Logger: logger, Linger: 2 * time.Millisecond}
 	dispatcher := &commands.Dispatcher{
 		Store:  &commands.Store{DB: db, Limits: commands.Limits{OrgMaxInFlight: s.OrgMaxInFlight, OrgMaxQueued: s.OrgMaxQueued}},
 		Queue:  queue,

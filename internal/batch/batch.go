@@ -25,6 +25,10 @@ type Batcher[T, R any] struct {
 	run   func(ctx context.Context, in []T) ([]R, error)
 	lanes int
 	max   int
+	// Linger, if set before the first call, is how long a batch that is not
+	// full waits for more calls before it runs: work that nobody waits on
+	// trades that delay for fewer, fuller batches.
+	Linger time.Duration
 
 	mu      sync.Mutex
 	pending []*batchCall[T, R]
@@ -74,6 +78,11 @@ func (b *Batcher[T, R]) loop() {
 			b.running--
 			b.mu.Unlock()
 			return
+		}
+		if b.Linger > 0 && len(b.pending) < b.max {
+			b.mu.Unlock()
+			time.Sleep(b.Linger)
+			b.mu.Lock()
 		}
 		n := min(len(b.pending), b.max)
 		calls := make([]*batchCall[T, R], n)

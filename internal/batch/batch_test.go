@@ -139,3 +139,28 @@ func TestBatcherIsolatesABadCall(t *testing.T) {
 		}
 	}
 }
+
+// With a linger, calls that come one after another within it share a
+// batch.
+func TestBatcherLingers(t *testing.T) {
+	t.Parallel()
+	var batches atomic.Int64
+	b := New(1, 8, func(_ context.Context, in []int) ([]int, error) {
+		batches.Add(1)
+		return in, nil
+	})
+	b.Linger = 200 * time.Millisecond
+	var wg sync.WaitGroup
+	for i := range 4 {
+		wg.Go(func() {
+			time.Sleep(time.Duration(i) * 10 * time.Millisecond)
+			if got, err := b.Do(i); err != nil || got != i {
+				t.Errorf("Do(%d) = %d, %v", i, got, err)
+			}
+		})
+	}
+	wg.Wait()
+	if n := batches.Load(); n != 1 {
+		t.Fatalf("want the 4 calls in 1 batch, got %d batches", n)
+	}
+}

@@ -39,6 +39,10 @@ type Bus struct {
 	maxLen int64
 	ttl    time.Duration
 
+	// Linger, if set before the first Publish, is how long events wait for
+	// others to go to Redis with (see batch.Batcher.Linger).
+	Linger time.Duration
+
 	once sync.Once
 	pubs *batch.Batcher[publication, error]
 }
@@ -84,7 +88,10 @@ func (b *Bus) Publish(ctx context.Context, typ string, data any, topics ...strin
 	if err != nil {
 		return err
 	}
-	b.once.Do(func() { b.pubs = batch.New(1, 128, b.publishMany) })
+	b.once.Do(func() {
+		b.pubs = batch.New(1, 128, b.publishMany)
+		b.pubs.Linger = b.Linger
+	})
 	perr, err := b.pubs.Do(publication{typ: typ, data: raw, topics: topics})
 	if err == nil {
 		err = perr

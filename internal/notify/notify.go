@@ -42,6 +42,10 @@ type Service struct {
 	Events *events.Bus
 	Logger *slog.Logger
 
+	// Linger, if set before the first Notify, is how long a notification
+	// waits for others to be stored with (see batch.Batcher.Linger).
+	Linger time.Duration
+
 	once   sync.Once
 	stores *batch.Batcher[Notification, *Notification]
 }
@@ -55,7 +59,10 @@ func (s *Service) Notify(ctx context.Context, n Notification) (*Notification, er
 	if n.Data == nil {
 		n.Data = platform.JSONObject{}
 	}
-	s.once.Do(func() { s.stores = batch.New(1, 64, s.store) })
+	s.once.Do(func() {
+		s.stores = batch.New(1, 64, s.store)
+		s.stores.Linger = s.Linger
+	})
 	out, err := s.stores.Do(n)
 	if err != nil || out == nil {
 		return nil, err
