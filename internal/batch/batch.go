@@ -47,9 +47,9 @@ const batchTimeout = 30 * time.Second
 
 // New returns a batcher running at most lanes batches at once, of at most
 // max calls each. run does a batch; its result is in the order of in. A
-// batch that PostgreSQL chose as a deadlock's victim runs again; a batch
-// that fails otherwise runs again call by call, so that a bad call fails
-// alone.
+// batch that PostgreSQL chose as a deadlock's victim runs again; one that
+// PostgreSQL refused for its data runs again call by call, so that a bad
+// call fails alone; any other error is every call's.
 func New[T, R any](lanes, max int, run func(ctx context.Context, in []T) ([]R, error)) *Batcher[T, R] {
 	return &Batcher[T, R]{run: run, lanes: lanes, max: max}
 }
@@ -95,7 +95,7 @@ func (b *Batcher[T, R]) loop() {
 			in[i] = c.in
 		}
 		out, err := b.runWithRetry(in)
-		if err != nil && n > 1 {
+		if err != nil && n > 1 && callsFault(err) {
 			// One bad call (a command whose agent was just deleted, say)
 			// must not fail the others: run each alone.
 			for i, c := range calls {
@@ -131,6 +131,22 @@ func (b *Batcher[T, R]) runWithRetry(in []T) ([]R, error) {
 			return out, err
 		}
 	}
+}
+
+// callsFault tells an error that one call of the batch may have caused
+// (bad data, a broken constraint, a function's exception), as opposed to
+// the database being unreachable or refusing all work: those would only
+// fail again, once per call.
+func callsFault(err error) bool {
+	var pqErr *pq.Error
+	if !errors.As(err, &pqErr) {
+		return false
+	}
+	switch pqErr.Code.Class() {
+	case "22", "23", "P0": // data exception, integrity constraint violation, PL/pgSQL exception
+		return true
+	}
+	return false
 }
 
 // retryable tells a statement that failed only because of concurrent

@@ -103,7 +103,8 @@ func TestBatcherRetriesDeadlocks(t *testing.T) {
 	}
 }
 
-// A batch that fails runs again call by call: only the bad call fails.
+// A batch that PostgreSQL refused for its data runs again call by call:
+// only the bad call fails.
 func TestBatcherIsolatesABadCall(t *testing.T) {
 	t.Parallel()
 	release := make(chan struct{})
@@ -114,7 +115,7 @@ func TestBatcherIsolatesABadCall(t *testing.T) {
 		}
 		for _, v := range in {
 			if v < 0 {
-				return nil, errors.New("negative")
+				return nil, &pq.Error{Code: "23503", Message: "violates foreign key constraint"}
 			}
 		}
 		return in, nil
@@ -162,5 +163,36 @@ func TestBatcherLingers(t *testing.T) {
 	wg.Wait()
 	if n := batches.Load(); n != 1 {
 		t.Fatalf("want the 4 calls in 1 batch, got %d batches", n)
+	}
+}
+
+// A batch that failed for want of the database is not run again call by
+// call: every call gets the error at once.
+func TestBatcherDoesNotSplitOutages(t *testing.T) {
+	t.Parallel()
+	var runs atomic.Int64
+	release := make(chan struct{})
+	var first atomic.Bool
+	down := errors.New("dial tcp 127.0.0.1:5432: connect: connection refused")
+	b := New(1, 8, func(_ context.Context, in []int) ([]int, error) {
+		if first.CompareAndSwap(false, true) {
+			<-release
+		}
+		runs.Add(1)
+		return nil, down
+	})
+	var wg sync.WaitGroup
+	for i := range 5 {
+		wg.Go(func() {
+			if _, err := b.Do(i); !errors.Is(err, down) {
+				t.Errorf("want the outage's error, got %v", err)
+			}
+		})
+	}
+	time.Sleep(50 * time.Millisecond)
+	close(release)
+	wg.Wait()
+	if n := runs.Load(); n > 2 {
+		t.Fatalf("want at most 2 runs (never one per call), got %d", n)
 	}
 }
