@@ -94,6 +94,8 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 		// The API caches agents; their status changes here.
 		AgentChanged: agentChanged(cache.NewVersioned(rdb, s.RedisPrefix, s.CacheTTL, 1, logger)),
 		Metrics:      cmdMetrics,
+		// The admissions after outcomes: on no request's way.
+		AdmitLinger: 2 * time.Millisecond,
 	}
 	runner := &commands.Runner{
 		Dispatcher: dispatcher,
@@ -103,7 +105,10 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 		Metrics:    cmdMetrics,
 		WorkerID:   workerID(),
 		Heartbeat:  s.WorkerHeartbeat,
-		OnFinish:   notifications.CommandFinished,
+		// An outcome waits up to a millisecond to be recorded with others:
+		// a command ends that much later, for far fewer statements under load.
+		RecordLinger: time.Millisecond,
+		OnFinish:     notifications.CommandFinished,
 	}
 	if err := runner.Start(ctx); err != nil {
 		return err

@@ -50,6 +50,11 @@ type Dispatcher struct {
 	// status (the API's cache of agents is made stale).
 	AgentChanged func(ctx context.Context, agentID string)
 
+	// AdmitLinger, if set, is how long an admission waits for others to go
+	// with (see batch.Batcher.Linger): for a worker's admissions after
+	// outcomes, which no request waits on.
+	AdmitLinger time.Duration
+
 	admitOnce  sync.Once
 	admissions *batch.Batcher[string, []Admitted]
 }
@@ -166,6 +171,7 @@ func (d *Dispatcher) Admit(ctx context.Context, agentID string) int {
 			}
 			return out, nil
 		})
+		d.admissions.Linger = d.AdmitLinger
 	})
 	admitted, err := d.admissions.Do(agentID)
 	if err != nil {

@@ -43,6 +43,9 @@ type Runner struct {
 	Heartbeat time.Duration
 	// ProgressEvery throttles progress writes (default 250ms).
 	ProgressEvery time.Duration
+	// RecordLinger, if set, is how long an outcome waits for others to be
+	// recorded with (see batch.Batcher.Linger).
+	RecordLinger time.Duration
 	// OnFinish is told of every command that ended (notifications).
 	OnFinish func(ctx context.Context, c *platform.Command)
 
@@ -79,6 +82,7 @@ func (r *Runner) batchers() {
 			return r.store().ClaimMany(ctx, in, r.WorkerID, r.lease())
 		})
 		r.endings = batch.New(batchLanes, batchMax, r.store().FinishMany)
+		r.endings.Linger = r.RecordLinger
 	})
 }
 
