@@ -11,8 +11,10 @@
 //     worker — per second, against no-op Asynq tasks enqueued from as many
 //     goroutines to a server of the same concurrency and poll interval;
 //   - latency: from the client's receipt of the 202 to the handler starting
-//     (the command's started_at) at a steady rate, against bare Asynq's
-//     enqueue-returned to handler-start at the same rate.
+//     (the command's started_at, stamped by the claim just before the
+//     handler runs) at a steady rate, against bare Asynq's enqueue-returned
+//     to handler-start at the same rate; each run's first second is a
+//     warm-up, not counted.
 //
 // It prints one line per comparison:
 //
@@ -124,7 +126,8 @@ func run(ctx context.Context, o options) (err error) {
 	env.logf("pipeline: %.0f cmd/s", ours)
 
 	// (iii): latency at a steady rate, on tables vacuumed as autovacuum
-	// would have done by now (it may be off on a test machine).
+	// would have done by now (it may be off on a test machine), after a
+	// checkpoint.
 	if err := env.vacuum(ctx); err != nil {
 		return err
 	}
@@ -466,12 +469,17 @@ func pipelineThroughput(ctx context.Context, e *env, o options) (float64, error)
 	return float64(o.commands) / last.Sub(since).Seconds(), nil
 }
 
-// vacuum vacuums and analyzes the pipeline's tables.
+// vacuum vacuums and analyzes the pipeline's tables, then checkpoints (if
+// allowed), so that the latency run does not pay for flushing what the
+// throughput run dirtied.
 func (e *env) vacuum(ctx context.Context) error {
 	for _, table := range []string{"commands", "command_events", "org_load", "agents", "notifications"} {
 		if _, err := e.db.ExecContext(ctx, "VACUUM ANALYZE "+table); err != nil {
 			return fmt.Errorf("vacuum %s: %w", table, err)
 		}
+	}
+	if _, err := e.db.ExecContext(ctx, "CHECKPOINT"); err != nil {
+		e.logf("no checkpoint before the latency run: %v", err)
 	}
 	return nil
 }
@@ -517,6 +525,14 @@ type latency struct {
 	achieved float64 // requests per second actually sent
 }
 
+// warmUp is the start of each latency run, at its rate, whose latencies
+// are not counted: the rate is to be sustained, and the first moments pay
+// for what the previous run left (plans, caches, connections).
+const warmUp = time.Second
+
+// warm is how many requests the warm-up sends at rate.
+func warm(rate int) int { return int(warmUp.Seconds() * float64(rate)) }
+
 func summarize(ds []time.Duration, sent int, d time.Duration) latency {
 	slices.Sort(ds)
 	at := func(p float64) time.Duration {
@@ -560,9 +576,10 @@ func pipelineLatency(ctx context.Context, e *env, o options) (latency, error) {
 	}
 	var mu sync.Mutex
 	accepted := map[string]time.Time{}
+	warming := map[string]bool{}
 	var failed atomic.Int64
 	var lastErr atomic.Value
-	sent, took := paced(ctx, o.rate, o.duration, func(i int) {
+	sent, took := paced(ctx, o.rate, warmUp+o.duration, func(i int) {
 		id, at, err := e.dispatch(ctx, e.agents[i%len(e.agents)])
 		if err != nil {
 			// An overloaded stack answers late or not at all: count it.
@@ -572,6 +589,7 @@ func pipelineLatency(ctx context.Context, e *env, o options) (latency, error) {
 		}
 		mu.Lock()
 		accepted[id] = at
+		warming[id] = i < warm(o.rate)
 		mu.Unlock()
 	})
 	if n := failed.Load(); n > 0 {
@@ -592,7 +610,7 @@ func pipelineLatency(ctx context.Context, e *env, o options) (latency, error) {
 	}
 	ds := make([]time.Duration, 0, len(rows))
 	for _, r := range rows {
-		if at, ok := accepted[r.ID]; ok {
+		if at, ok := accepted[r.ID]; ok && !warming[r.ID] {
 			ds = append(ds, max(0, r.Started.Sub(at)))
 		}
 	}
@@ -696,7 +714,8 @@ func bareLatency(ctx context.Context, e *env, o options) (latency, error) {
 	defer b.srv.Shutdown()
 	run := randHex(4)
 	var failed atomic.Value
-	sent, took := paced(ctx, o.rate, o.duration, func(i int) {
+	warming := map[string]bool{}
+	sent, took := paced(ctx, o.rate, warmUp+o.duration, func(i int) {
 		id := run + "-" + strconv.Itoa(i)
 		if err := b.enqueue(ctx, id); err != nil {
 			failed.Store(err)
@@ -705,6 +724,7 @@ func bareLatency(ctx context.Context, e *env, o options) (latency, error) {
 		at := time.Now()
 		mu.Lock()
 		enqueued[id] = at
+		warming[id] = i < warm(o.rate)
 		mu.Unlock()
 	})
 	if err, _ := failed.Load().(error); err != nil {
@@ -727,7 +747,9 @@ func bareLatency(ctx context.Context, e *env, o options) (latency, error) {
 	defer mu.Unlock()
 	ds := make([]time.Duration, 0, len(started))
 	for id, at := range started {
-		ds = append(ds, max(0, at.Sub(enqueued[id])))
+		if !warming[id] {
+			ds = append(ds, max(0, at.Sub(enqueued[id])))
+		}
 	}
 	l := summarize(ds, sent, took)
 	e.logf("bare latency: %d at %.0f/s: p50 %s p99 %s", l.n, l.achieved, l.p50, l.p99)
