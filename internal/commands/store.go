@@ -93,19 +93,25 @@ type Admitted struct {
 // The statement's snapshot still shows done's commands as they were, so
 // they are judged by their new status in done, and the others from commands
 // (through commands_inflight_idx: a running command is always admitted).
-// An agent whose status does not change is not written.
-const agentStatus = `ag AS (
-	UPDATE agents a SET status = s.status, updated_at = now()
-	FROM (SELECT g.id, CASE
+// An agent whose status does not change is neither locked nor written; the
+// others are locked in id order (ag_lock), as every statement of the
+// pipeline locks agents, so that concurrent batches never deadlock on them.
+const agentStatus = `st AS MATERIALIZED (
+	SELECT g.id, CASE
 			WHEN g.status = 'disabled' THEN 'disabled'
 			WHEN EXISTS (SELECT 1 FROM done r WHERE r.agent_id = g.id AND r.status = 'running') THEN 'busy'
 			WHEN EXISTS (SELECT 1 FROM commands o WHERE o.org_id = g.org_id AND o.agent_id = g.id AND o.admitted_at IS NOT NULL
 				AND o.status = 'running' AND o.id NOT IN (SELECT id FROM done)) THEN 'busy'
 			WHEN EXISTS (SELECT 1 FROM done f WHERE f.agent_id = g.id AND f.status = 'failed') THEN 'error'
 			ELSE 'idle' END AS status
-		FROM agents g WHERE g.id IN (SELECT agent_id FROM done)) s
-	WHERE a.id = s.id AND a.status <> s.status
-	RETURNING a.id)`
+		FROM agents g WHERE g.id IN (SELECT agent_id FROM done)),
+	ag_lock AS MATERIALIZED (
+		SELECT a.id FROM agents a JOIN st ON st.id = a.id WHERE a.status <> st.status ORDER BY a.id FOR NO KEY UPDATE OF a),
+	ag AS (
+		UPDATE agents a SET status = st.status, updated_at = now()
+		FROM st, ag_lock l
+		WHERE a.id = st.id AND l.id = a.id AND a.status <> st.status
+		RETURNING a.id)`
 
 // Insert stores a new queued command and its first event. With an
 // idempotency key already used by the same caller within 24 hours it stores
@@ -277,7 +283,8 @@ func (s *Store) ClaimMany(ctx context.Context, attempts []Attempt, worker string
 		// claimed commands with their agents' config and environment ids,
 		// and whether the slot a claim freed in the organization's queue has
 		// a command to take it. (c.id = ANY(...) keeps the plan on the
-		// primary key: a cached generic plan may otherwise scan by status.)
+		// primary key: a cached generic plan may otherwise scan by status.
+		// Agents are locked in id order: see agentStatus.)
 		err := s.sel(ctx, &rows, `WITH req AS (SELECT * FROM unnest($1::uuid[], $2::integer[]) AS r(id, attempt)),
 			done AS (
 				UPDATE commands c SET status = 'running', attempt = r.attempt, worker_id = $3, lease_until = now() + $4 * interval '1 millisecond',
@@ -286,8 +293,11 @@ func (s *Store) ClaimMany(ctx context.Context, attempts []Attempt, worker string
 				WHERE c.id = ANY($1::uuid[]) AND c.id = r.id AND c.status = 'queued' AND c.attempt = r.attempt - 1 AND c.cancel_requested_at IS NULL AND c.admitted_at IS NOT NULL
 				RETURNING c.*),
 			ev AS (INSERT INTO command_events (command_id, type, status, attempt) SELECT id, 'running', status, attempt FROM done),
-			ag AS (UPDATE agents a SET status = 'busy', updated_at = now()
+			ag_lock AS MATERIALIZED (SELECT a.id FROM agents a
 				WHERE a.id IN (SELECT agent_id FROM done) AND a.status NOT IN ('busy', 'disabled')
+				ORDER BY a.id FOR NO KEY UPDATE),
+			ag AS (UPDATE agents a SET status = 'busy', updated_at = now()
+				FROM ag_lock l WHERE a.id = l.id AND a.status NOT IN ('busy', 'disabled')
 				RETURNING a.id)
 			SELECT done.*, g.config AS agent_config, g.environment_id AS agent_environment_id, `+orgQueuedFull+` AS org_full,
 				done.agent_id IN (SELECT id FROM ag) AS agent_changed
@@ -513,8 +523,12 @@ func (s *Store) Heartbeat(ctx context.Context, worker string, ids []string, leas
 	}
 	// Extends the leases the worker holds; returns each with whether it
 	// should stop.
+	// A command another transaction holds (its outcome being recorded, a
+	// cancel) is skipped, not waited for: its lease has two more heartbeats
+	// to go, and waiting could deadlock with a batch of outcomes.
 	err = s.sel(ctx, &rows, `UPDATE commands SET lease_until = now() + $3 * interval '1 millisecond'
-		WHERE id = ANY($2::uuid[]) AND worker_id = $1 AND status = 'running'
+		WHERE id IN (SELECT id FROM commands WHERE id = ANY($2::uuid[]) AND worker_id = $1 AND status = 'running'
+			FOR NO KEY UPDATE SKIP LOCKED)
 		RETURNING id, cancel_requested_at IS NOT NULL AS cancel`, worker, pq.Array(ids), lease.Milliseconds())
 	for _, r := range rows {
 		if r.Cancel {
