@@ -6,6 +6,7 @@ package batch
 import (
 	"context"
 	"errors"
+	"fmt"
 	"sync"
 	"time"
 
@@ -54,9 +55,10 @@ func New[T, R any](lanes, max int, run func(ctx context.Context, in []T) ([]R, e
 	return &Batcher[T, R]{run: run, lanes: lanes, max: max}
 }
 
-// Do runs in with the next batch and returns its result. It waits for the
-// batch even if ctx ends: the batch may have done its work, which the
-// caller must know of (a claimed attempt is the caller's to run).
+// Do runs in with the next batch and returns its result. It takes no
+// context: a caller that gave up could not know whether the batch did its
+// work, which it must (a claimed attempt is the caller's to run); each
+// batch is bounded by its own timeout instead.
 func (b *Batcher[T, R]) Do(in T) (R, error) {
 	c := &batchCall[T, R]{in: in, done: make(chan struct{})}
 	b.mu.Lock()
@@ -95,11 +97,17 @@ func (b *Batcher[T, R]) loop() {
 			in[i] = c.in
 		}
 		out, err := b.runWithRetry(in)
+		if err == nil && len(out) != n {
+			err = fmt.Errorf("batch: %d results for %d calls", len(out), n)
+		}
 		if err != nil && n > 1 && callsFault(err) {
 			// One bad call (a command whose agent was just deleted, say)
 			// must not fail the others: run each alone.
 			for i, c := range calls {
 				res, err := b.runWithRetry(in[i : i+1])
+				if err == nil && len(res) != 1 {
+					err = fmt.Errorf("batch: %d results for 1 call", len(res))
+				}
 				if err != nil {
 					c.err = err
 				} else {
