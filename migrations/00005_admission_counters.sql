@@ -122,6 +122,17 @@ END;
 $$;
 -- +goose StatementEnd
 
+-- admit_mark marks the commands p_ids admitted (admit_pick chose and
+-- locked them) and returns them with their agents, attempts and timeouts.
+-- +goose StatementBegin
+CREATE OR REPLACE FUNCTION admit_mark(p_ids uuid[])
+RETURNS TABLE (agent_id uuid, id uuid, attempt integer, timeout_s integer) LANGUAGE sql AS $$
+    UPDATE commands c SET admitted_at = now(), updated_at = now()
+     WHERE c.id = ANY(p_ids)
+    RETURNING c.agent_id, c.id, c.attempt, c.timeout_s;
+$$;
+-- +goose StatementEnd
+
 -- admit_agents admits what it can of the backlogs of the agents p_agents,
 -- organization by organization (in id order, so two callers never wait on
 -- each other's locks in a cycle), in one transaction. p_org_limit is the
@@ -155,13 +166,9 @@ BEGIN
         PERFORM set_config('synchronous_commit', 'off', true);
         v_ids := v_ids || admit_pick(v_org.org_id, v_org.agents, v_org.lim, p_org_queued);
     END LOOP;
-    IF cardinality(v_ids) = 0 THEN
-        RETURN;
+    IF cardinality(v_ids) > 0 THEN
+        RETURN QUERY SELECT * FROM admit_mark(v_ids);
     END IF;
-    RETURN QUERY
-    UPDATE commands c SET admitted_at = now(), updated_at = now()
-     WHERE c.id = ANY(v_ids)
-    RETURNING c.agent_id, c.id, c.attempt, c.timeout_s;
 END;
 $$;
 -- +goose StatementEnd
@@ -188,13 +195,9 @@ BEGIN
     END IF;
     PERFORM set_config('synchronous_commit', 'off', true);
     v_ids := admit_pick(p_org, v_agents, p_org_limit, p_org_queued);
-    IF cardinality(v_ids) = 0 THEN
-        RETURN;
+    IF cardinality(v_ids) > 0 THEN
+        RETURN QUERY SELECT * FROM admit_mark(v_ids);
     END IF;
-    RETURN QUERY
-    UPDATE commands c SET admitted_at = now(), updated_at = now()
-     WHERE c.id = ANY(v_ids)
-    RETURNING c.agent_id, c.id, c.attempt, c.timeout_s;
 END;
 $$;
 -- +goose StatementEnd
@@ -204,6 +207,7 @@ DROP FUNCTION IF EXISTS admit_commands(uuid, integer, integer);
 -- +goose Down
 DROP FUNCTION IF EXISTS admit_org(uuid, integer, integer);
 DROP FUNCTION IF EXISTS admit_agents(uuid[], integer, integer);
+DROP FUNCTION IF EXISTS admit_mark(uuid[]);
 DROP FUNCTION IF EXISTS admit_pick(uuid, uuid[], integer, integer);
 DROP TRIGGER IF EXISTS commands_load_insert ON commands;
 DROP TRIGGER IF EXISTS commands_load_update ON commands;

@@ -1,10 +1,7 @@
 package main
 
 import (
-	"bufio"
-	"bytes"
 	"context"
-	"encoding/json"
 	"fmt"
 	"io"
 	"math/rand/v2"
@@ -21,6 +18,7 @@ import (
 
 	"github.com/jmoiron/sqlx"
 
+	"github.com/agentry/agentry/internal/bench/benchkit"
 	"github.com/agentry/agentry/internal/crud/crudtest"
 	"github.com/agentry/agentry/internal/postgres"
 	"github.com/agentry/agentry/internal/testenv"
@@ -91,80 +89,6 @@ func load(ctx context.Context, base string, headers map[string]string, conc int,
 	return r
 }
 
-// server is a process serving HTTP.
-type server struct {
-	name string
-	url  string
-	cmd  *exec.Cmd
-	logs *os.File
-}
-
-// start runs cmd, its log lines going to a file (as a container runtime
-// would take them), and waits for it to print where it listens.
-func start(ctx context.Context, name string, cmd *exec.Cmd) (*server, error) {
-	logs, err := os.CreateTemp("", "agentry-bench-"+name+"-*.log")
-	if err != nil {
-		return nil, err
-	}
-	s := &server{name: name, cmd: cmd, logs: logs}
-	out, _ := cmd.StdoutPipe()
-	cmd.Stderr = logs
-	if err := cmd.Start(); err != nil {
-		return nil, err
-	}
-	urls := make(chan string, 1)
-	go func() {
-		sc := bufio.NewScanner(out)
-		for sc.Scan() {
-			if _, url, ok := strings.Cut(sc.Text(), "listening on "); ok {
-				select {
-				case urls <- url:
-				default:
-				}
-			}
-		}
-	}()
-	select {
-	case s.url = <-urls:
-	case <-time.After(30 * time.Second):
-		s.stop()
-		data, _ := os.ReadFile(logs.Name())
-		return nil, fmt.Errorf("%s did not start: %s", name, data)
-	}
-	return s, nil
-}
-
-func (s *server) stop() {
-	if s.cmd.Process != nil {
-		_ = s.cmd.Process.Signal(os.Interrupt)
-		done := make(chan struct{})
-		go func() { _ = s.cmd.Wait(); close(done) }()
-		select {
-		case <-done:
-		case <-time.After(15 * time.Second):
-			_ = s.cmd.Process.Kill()
-		}
-	}
-	s.logs.Close()
-	os.Remove(s.logs.Name())
-}
-
-// line prints one comparison in the harness's format.
-func line(name string, v float64, unit, base string, bv float64, bunit string) {
-	ratio := 0.0
-	if bv != 0 {
-		ratio = v / bv
-	}
-	fmt.Printf("BENCH %s %s %s vs %s %s %s ratio %.2f\n", name, num(v), unit, base, num(bv), bunit, ratio)
-}
-
-func num(v float64) string {
-	if v >= 100 {
-		return strconv.FormatFloat(v, 'f', 0, 64)
-	}
-	return strconv.FormatFloat(v, 'f', 2, 64)
-}
-
 func run(ctx context.Context, o options) error {
 	if o.duration == 0 {
 		o.duration = 5 * time.Second
@@ -198,25 +122,25 @@ func run(ctx context.Context, o options) error {
 	defer cleanup()
 	fmt.Fprintf(os.Stderr, "bench: %d agents in one organization; each measurement runs %s\n", len(env.ids), o.duration)
 
-	bare, err := start(ctx, "bare", exec.Command(self, "-serve", "bare", "-dsn", env.dsn))
+	bare, err := benchkit.Start(ctx, exec.Command(self, "-serve", "bare", "-dsn", env.dsn))
 	if err != nil {
 		return err
 	}
-	defer bare.stop()
-	barePrep, err := start(ctx, "bare-prepared", exec.Command(self, "-serve", "bare-prepared", "-dsn", env.dsn))
+	defer bare.Stop()
+	barePrep, err := benchkit.Start(ctx, exec.Command(self, "-serve", "bare-prepared", "-dsn", env.dsn))
 	if err != nil {
 		return err
 	}
-	defer barePrep.stop()
+	defer barePrep.Stop()
 	fwArgs := []string{"-serve", "framework", "-dsn", env.dsn}
 	if o.cpuprofile != "" {
 		fwArgs = append(fwArgs, "-cpuprofile", o.cpuprofile)
 	}
-	fw, err := start(ctx, "framework", exec.Command(self, fwArgs...))
+	fw, err := benchkit.Start(ctx, exec.Command(self, fwArgs...))
 	if err != nil {
 		return err
 	}
-	defer fw.stop()
+	defer fw.Stop()
 
 	testHeaders := map[string]string{crudtest.UserHeader: env.user, crudtest.OrgHeader: env.org}
 	apiHeaders := map[string]string{"Authorization": "Bearer " + env.token, "X-Org-ID": env.org}
@@ -229,20 +153,20 @@ func run(ctx context.Context, o options) error {
 		return load(ctx, s, h, conc, o.duration, next)
 	}
 	if want("crud_get") || want("api_get") {
-		b := measure(bare.url, testHeaders, randomAgent)
-		bp := measure(barePrep.url, testHeaders, randomAgent)
-		f := measure(fw.url, testHeaders, randomAgent)
-		a := measure(env.api.url, apiHeaders, randomAgent)
-		b2 := measure(bare.url, testHeaders, randomAgent)
-		bp2 := measure(barePrep.url, testHeaders, randomAgent)
+		b := measure(bare.URL, testHeaders, randomAgent)
+		bp := measure(barePrep.URL, testHeaders, randomAgent)
+		f := measure(fw.URL, testHeaders, randomAgent)
+		a := measure(env.api.URL, apiHeaders, randomAgent)
+		b2 := measure(bare.URL, testHeaders, randomAgent)
+		bp2 := measure(barePrep.URL, testHeaders, randomAgent)
 		base, basePrep := (b.rps+b2.rps)/2, (bp.rps+bp2.rps)/2
 		if want("crud_get") {
-			line("crud_get", f.rps, "req/s", "gin_sqlx", base, "req/s")
-			line("crud_get", f.rps, "req/s", "gin_sqlx_prepared", basePrep, "req/s")
+			benchkit.Compare("crud_get", f.rps, "req/s", "gin_sqlx", base, "req/s")
+			benchkit.Compare("crud_get", f.rps, "req/s", "gin_sqlx_prepared", basePrep, "req/s")
 		}
 		if want("api_get") {
-			line("api_get_authenticated_acl", a.rps, "req/s", "gin_sqlx", base, "req/s")
-			line("api_get_authenticated_acl", a.rps, "req/s", "gin_sqlx_prepared", basePrep, "req/s")
+			benchkit.Compare("api_get_authenticated_acl", a.rps, "req/s", "gin_sqlx", base, "req/s")
+			benchkit.Compare("api_get_authenticated_acl", a.rps, "req/s", "gin_sqlx_prepared", basePrep, "req/s")
 		}
 		checkErrors(b, bp, f, a)
 	}
@@ -250,24 +174,24 @@ func run(ctx context.Context, o options) error {
 		// A cache serves hot keys: 5,000 agents, read once to warm it, then
 		// read at random by the cached API and by the baseline alike.
 		hot := env.ids[:5000]
-		warmUp(ctx, env.cached.url, apiHeaders, hot)
+		warmUp(ctx, env.cached.URL, apiHeaders, hot)
 		randomHot := func() string { return "/v1/agents/" + hot[rand.IntN(len(hot))] }
-		b := measure(bare.url, testHeaders, randomHot)
-		c := measure(env.cached.url, apiHeaders, randomHot)
-		b2 := measure(bare.url, testHeaders, randomHot)
-		line("api_get_cached", c.rps, "req/s", "gin_sqlx", (b.rps+b2.rps)/2, "req/s")
+		b := measure(bare.URL, testHeaders, randomHot)
+		c := measure(env.cached.URL, apiHeaders, randomHot)
+		b2 := measure(bare.URL, testHeaders, randomHot)
+		benchkit.Compare("api_get_cached", c.rps, "req/s", "gin_sqlx", (b.rps+b2.rps)/2, "req/s")
 		checkErrors(b, c)
 	}
 	if want("crud_list") {
-		b := measure(bare.url, testHeaders, randomPage)
-		f := measure(fw.url, testHeaders, randomPage)
-		b2 := measure(bare.url, testHeaders, randomPage)
-		line("crud_list_total_50k", f.rps, "req/s", "gin_sqlx", (b.rps+b2.rps)/2, "req/s")
+		b := measure(bare.URL, testHeaders, randomPage)
+		f := measure(fw.URL, testHeaders, randomPage)
+		b2 := measure(bare.URL, testHeaders, randomPage)
+		benchkit.Compare("crud_list_total_50k", f.rps, "req/s", "gin_sqlx", (b.rps+b2.rps)/2, "req/s")
 		checkErrors(b, f)
 	}
-	bare.stop()
-	barePrep.stop()
-	fw.stop()
+	bare.Stop()
+	barePrep.Stop()
+	fw.Stop()
 	cleanup()
 
 	// The sub-benchmarks print their own BENCH lines.
@@ -321,7 +245,7 @@ func instantiateLine(out string) {
 		fmt.Fprintf(os.Stderr, "bench: instantiate: no figures in\n%s", out)
 		return
 	}
-	line("instantiate_5_deep", inst/1e6, "ms", "plain_create", plain/1e6, "ms")
+	benchkit.Compare("instantiate_5_deep", inst/1e6, "ms", "plain_create", plain/1e6, "ms")
 }
 
 func checkErrors(rs ...result) {
@@ -335,7 +259,7 @@ func checkErrors(rs ...result) {
 type benchEnv struct {
 	dsn, org, user, token string
 	ids                   []string
-	api, cached           *server
+	api, cached           *benchkit.Proc
 }
 
 // prepare creates a schema, starts the real api on it, registers a user and
@@ -381,43 +305,22 @@ func prepare(ctx context.Context, bin string) (*benchEnv, func(), error) {
 			"AGENTRY_CACHE="+strconv.FormatBool(cache))
 		return api
 	}
-	if env.api, err = start(ctx, "api", apiCmd(false)); err != nil {
+	if env.api, err = startReady(ctx, apiCmd(false)); err != nil {
 		cleanup()
 		return nil, nil, err
 	}
-	if env.cached, err = start(ctx, "api-cached", apiCmd(true)); err != nil {
-		env.api.stop()
+	if env.cached, err = startReady(ctx, apiCmd(true)); err != nil {
+		env.api.Stop()
 		cleanup()
 		return nil, nil, err
 	}
-	stopAll := func() { env.api.stop(); env.cached.stop(); cleanup() }
-	post := func(path string, body map[string]any) (map[string]any, error) {
-		data, _ := json.Marshal(body)
-		res, err := http.Post(env.api.url+path, "application/json", bytes.NewReader(data))
-		if err != nil {
-			return nil, err
-		}
-		defer res.Body.Close()
-		var out map[string]any
-		if err := json.NewDecoder(res.Body).Decode(&out); err != nil {
-			return nil, err
-		}
-		if res.StatusCode >= 300 {
-			return nil, fmt.Errorf("%s: %d %v", path, res.StatusCode, out)
-		}
-		return out, nil
-	}
-	u, err := post("/v1/auth/register", map[string]any{"email": "bench@example.com", "password": "bench-password", "name": "Bench"})
+	stopAll := func() { env.api.Stop(); env.cached.Stop(); cleanup() }
+	u, token, err := benchkit.SignUp(env.api.URL, "bench@example.com", "bench-password")
 	if err != nil {
 		stopAll()
 		return nil, nil, err
 	}
-	tok, err := post("/v1/auth/login", map[string]any{"email": "bench@example.com", "password": "bench-password"})
-	if err != nil {
-		stopAll()
-		return nil, nil, err
-	}
-	env.user, env.org, env.token = u["id"].(string), u["default_org_id"].(string), tok["access_token"].(string)
+	env.user, env.org, env.token = u["id"].(string), u["default_org_id"].(string), token
 	// Seeds 50,000 agents owned by the user, one second apart.
 	if err := db.SelectContext(ctx, &env.ids, `WITH ids AS (SELECT gen_random_uuid() AS id, g FROM generate_series(1, 50000) g),
 			e AS (INSERT INTO entities (id, kind) SELECT id, 'agent' FROM ids)
@@ -432,6 +335,19 @@ func prepare(ctx context.Context, bin string) (*benchEnv, func(), error) {
 		return nil, nil, err
 	}
 	return env, stopAll, nil
+}
+
+// startReady starts an api and waits until it is ready.
+func startReady(ctx context.Context, cmd *exec.Cmd) (*benchkit.Proc, error) {
+	p, err := benchkit.Start(ctx, cmd)
+	if err != nil {
+		return nil, err
+	}
+	if err := p.WaitReady(ctx, 30*time.Second); err != nil {
+		p.Stop()
+		return nil, err
+	}
+	return p, nil
 }
 
 // warmUp reads every path of ids once, 16 at a time.

@@ -122,20 +122,26 @@ func Redis(t testing.TB) (*redis.Client, string) {
 		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 		defer cancel()
 		// The prefix's own keys, and the Asynq keys of its queue.
-		var keys []string
-		for _, pattern := range []string{prefix + "*", "asynq:{" + prefix + "-commands}*"} {
-			iter := rdb.Scan(ctx, 0, pattern, 1000).Iterator()
-			for iter.Next(ctx) {
-				keys = append(keys, iter.Val())
-			}
-		}
+		DeleteKeys(ctx, rdb, prefix+"*", "asynq:{"+prefix+"-commands}*")
 		rdb.SRem(ctx, "asynq:queues", prefix+"-commands")
-		for len(keys) > 0 {
-			n := min(len(keys), 500)
-			rdb.Del(ctx, keys[:n]...)
-			keys = keys[n:]
-		}
 		rdb.Close()
 	})
 	return rdb, prefix
+}
+
+// DeleteKeys deletes the Redis keys matching any of patterns, found with
+// SCAN (never KEYS), 500 at a time.
+func DeleteKeys(ctx context.Context, rdb redis.UniversalClient, patterns ...string) {
+	var keys []string
+	for _, pattern := range patterns {
+		iter := rdb.Scan(ctx, 0, pattern, 1000).Iterator()
+		for iter.Next(ctx) {
+			keys = append(keys, iter.Val())
+		}
+	}
+	for len(keys) > 0 {
+		n := min(len(keys), 500)
+		rdb.Del(ctx, keys[:n]...)
+		keys = keys[n:]
+	}
 }

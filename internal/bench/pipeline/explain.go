@@ -3,11 +3,11 @@ package main
 import (
 	"context"
 	"fmt"
-	"os"
-	"path/filepath"
 	"strconv"
 	"strings"
 	"time"
+
+	"github.com/agentry/agentry/internal/bench/benchkit"
 )
 
 // snapshot is what the explanation compares before and after a run.
@@ -22,15 +22,15 @@ type snapshot struct {
 
 func (e *env) snapshot(ctx context.Context) snapshot {
 	s := snapshot{cpu: map[string]time.Duration{}, tuples: map[string][2]int64{}}
-	s.cpu["api"] = cpuOf(e.api.cmd.Process.Pid)
-	s.cpu["worker"] = cpuOf(e.worker.cmd.Process.Pid)
+	s.cpu["api"] = cpuOf(e.api.Pid())
+	s.cpu["worker"] = cpuOf(e.worker.Pid())
 	var pids []int
 	_ = e.db.SelectContext(ctx, &pids, `SELECT pid FROM pg_stat_activity WHERE application_name = $1`, e.app)
 	s.backends = map[int]time.Duration{}
 	for _, pid := range pids {
 		s.backends[pid] = cpuOf(pid)
 	}
-	s.cpu["redis"] = cpuOfComm("redis-server")
+	s.cpu["redis"] = benchkit.CPUTimeOf("redis-server")
 	_ = e.db.GetContext(ctx, &s.xacts, `SELECT xact_commit FROM pg_stat_database WHERE datname = current_database()`)
 	var rows []struct {
 		Table string `db:"relname"`
@@ -81,37 +81,8 @@ func explain(e *env, run string, before, after snapshot) {
 	fmt.Printf("  redis commands per command: %.1f (whole server)\n", float64(after.redis-before.redis)/n)
 }
 
-// clockTick is USER_HZ, 100 on Linux.
-const clockTick = 100
-
-// cpuOf is the user and system CPU time of a process so far.
+// cpuOf is the CPU time of a process so far, 0 if it is gone.
 func cpuOf(pid int) time.Duration {
-	data, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
-	if err != nil {
-		return 0
-	}
-	// The command name may hold spaces; fields count from after its ')'.
-	s := string(data)
-	fields := strings.Fields(s[strings.LastIndexByte(s, ')')+1:])
-	if len(fields) < 13 {
-		return 0
-	}
-	utime, _ := strconv.ParseInt(fields[11], 10, 64)
-	stime, _ := strconv.ParseInt(fields[12], 10, 64)
-	return time.Duration(utime+stime) * time.Second / clockTick
-}
-
-// cpuOfComm sums cpuOf over every process named comm.
-func cpuOfComm(comm string) time.Duration {
-	dirs, _ := filepath.Glob("/proc/[0-9]*")
-	var total time.Duration
-	for _, d := range dirs {
-		name, err := os.ReadFile(d + "/comm")
-		if err != nil || strings.TrimSpace(string(name)) != comm {
-			continue
-		}
-		pid, _ := strconv.Atoi(filepath.Base(d))
-		total += cpuOf(pid)
-	}
-	return total
+	d, _ := benchkit.CPUTime(pid)
+	return d
 }

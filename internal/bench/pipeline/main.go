@@ -26,7 +26,6 @@
 package main
 
 import (
-	"bufio"
 	"bytes"
 	"context"
 	"crypto/rand"
@@ -54,7 +53,9 @@ import (
 	_ "github.com/lib/pq"
 	"github.com/redis/go-redis/v9"
 
+	"github.com/agentry/agentry/internal/bench/benchkit"
 	"github.com/agentry/agentry/internal/postgres"
+	"github.com/agentry/agentry/internal/testenv"
 )
 
 type options struct {
@@ -76,8 +77,8 @@ type options struct {
 func main() {
 	o := options{}
 	flag.StringVar(&o.bin, "bin", "", "directory holding built api and worker binaries (default: build them)")
-	flag.StringVar(&o.db, "db", envOr("AGENTRY_TEST_DATABASE_URL", "postgres://postgres@127.0.0.1:5432/test?sslmode=disable"), "PostgreSQL database to make a schema in")
-	flag.StringVar(&o.redis, "redis", envOr("AGENTRY_TEST_REDIS_URL", "redis://127.0.0.1:6379/0"), "Redis URL")
+	flag.StringVar(&o.db, "db", testenv.DatabaseURL(), "PostgreSQL database to make a schema in")
+	flag.StringVar(&o.redis, "redis", testenv.RedisURL(), "Redis URL")
 	flag.IntVar(&o.concurrency, "concurrency", envInt("AGENTRY_WORKER_CONCURRENCY", 20), "worker concurrency (AGENTRY_WORKER_CONCURRENCY), the same for bare Asynq")
 	flag.IntVar(&o.clients, "clients", 32, "concurrent dispatchers / enqueuers in the throughput runs")
 	flag.IntVar(&o.agents, "agents", 20, "agents the commands are spread over (max_concurrency 100 each)")
@@ -142,9 +143,9 @@ func run(ctx context.Context, o options) (err error) {
 	}
 	latAfter := env.snapshot(ctx)
 
-	line("pipeline_throughput", ours, "cmd/s", "bare_asynq", bare, "tasks/s")
-	line("dispatch_to_start_p50", ms(ourLat.p50), "ms", "bare_asynq_p50", ms(bareLat.p50), "ms")
-	line("dispatch_to_start_p99", ms(ourLat.p99), "ms", "bare_asynq_p99", ms(bareLat.p99), "ms")
+	benchkit.Compare("pipeline_throughput", ours, "cmd/s", "bare_asynq", bare, "tasks/s")
+	benchkit.Compare("dispatch_to_start_p50", ms(ourLat.p50), "ms", "bare_asynq_p50", ms(bareLat.p50), "ms")
+	benchkit.Compare("dispatch_to_start_p99", ms(ourLat.p99), "ms", "bare_asynq_p99", ms(bareLat.p99), "ms")
 	if o.explain {
 		explain(env, "throughput run", before, after)
 		explain(env, fmt.Sprintf("latency run, %d/s", o.rate), latBefore, latAfter)
@@ -155,22 +156,6 @@ func run(ctx context.Context, o options) (err error) {
 	return nil
 }
 
-// line prints one comparison.
-func line(name string, v float64, unit, base string, bv float64, bunit string) {
-	r := 0.0
-	if bv > 0 {
-		r = v / bv
-	}
-	fmt.Printf("BENCH %s %s %s vs %s %s %s ratio %.2f\n", name, num(v), unit, base, num(bv), bunit, r)
-}
-
-func num(v float64) string {
-	if v >= 100 {
-		return strconv.FormatFloat(v, 'f', 0, 64)
-	}
-	return strconv.FormatFloat(v, 'f', 1, 64)
-}
-
 func ms(d time.Duration) float64 { return float64(d) / float64(time.Millisecond) }
 
 // env is the stack under test.
@@ -179,8 +164,8 @@ type env struct {
 	db      *sqlx.DB // the bench schema
 	rdb     *redis.Client
 	prefix  string
-	api     *proc
-	worker  *proc
+	api     *benchkit.Proc
+	worker  *benchkit.Proc
 	http    *http.Client
 	base    string
 	token   string
@@ -277,18 +262,7 @@ func prepare(ctx context.Context, o options) (*env, func(), error) {
 	}
 	cleanups = append(cleanups, func() {
 		ctx := context.Background()
-		for _, pattern := range []string{e.prefix + "*", "asynq:{" + e.prefix + "*"} {
-			iter := e.rdb.Scan(ctx, 0, pattern, 1000).Iterator()
-			var keys []string
-			for iter.Next(ctx) {
-				keys = append(keys, iter.Val())
-			}
-			for len(keys) > 0 {
-				n := min(len(keys), 500)
-				e.rdb.Del(ctx, keys[:n]...)
-				keys = keys[n:]
-			}
-		}
+		testenv.DeleteKeys(ctx, e.rdb, e.prefix+"*", "asynq:{"+e.prefix+"*")
 		e.rdb.SRem(ctx, "asynq:queues", e.prefix+"-commands", e.prefix+"-bare")
 		e.rdb.Close()
 	})
@@ -315,35 +289,27 @@ func prepare(ctx context.Context, o options) (*env, func(), error) {
 	if err != nil {
 		return nil, cleanup, err
 	}
-	cleanups = append(cleanups, e.api.stop)
+	cleanups = append(cleanups, e.api.Stop)
 	e.worker, err = startProc(ctx, filepath.Join(bin, "worker"), settings)
 	if err != nil {
 		return nil, cleanup, err
 	}
-	cleanups = append(cleanups, e.worker.stop)
+	cleanups = append(cleanups, e.worker.Stop)
 	cleanups = append(cleanups, func() {
 		if e.verbose {
-			fmt.Fprintf(os.Stderr, "--- api\n%s\n--- worker\n%s\n", tail(e.api.logs()), tail(e.worker.logs()))
+			fmt.Fprintf(os.Stderr, "--- api\n%s\n--- worker\n%s\n", tail(e.api.Logs()), tail(e.worker.Logs()))
 		}
 	})
-	e.base = e.api.url
+	e.base = e.api.URL
 	e.http = &http.Client{Timeout: 30 * time.Second, Transport: &http.Transport{MaxIdleConns: 4 * o.clients, MaxIdleConnsPerHost: 4 * o.clients}}
 
 	// A user, its organization and agents.
-	email := "bench-" + randHex(4) + "@example.com"
-	if _, err := e.call(ctx, "POST", "/v1/auth/register", map[string]any{"email": email, "password": "bench-password-long", "name": "bench"}, 201); err != nil {
-		return nil, cleanup, err
-	}
-	tok, err := e.call(ctx, "POST", "/v1/auth/login", map[string]any{"email": email, "password": "bench-password-long"}, 200)
+	user, token, err := benchkit.SignUp(e.base, "bench-"+randHex(4)+"@example.com", "bench-password-long")
 	if err != nil {
 		return nil, cleanup, err
 	}
-	e.token, _ = tok["access_token"].(string)
-	me, err := e.call(ctx, "GET", "/v1/users/me", nil, 200)
-	if err != nil {
-		return nil, cleanup, err
-	}
-	e.org, _ = me["default_org_id"].(string)
+	e.token = token
+	e.org, _ = user["default_org_id"].(string)
 	for i := range o.agents {
 		a, err := e.call(ctx, "POST", "/v1/agents", map[string]any{"name": fmt.Sprintf("bench-%d", i), "params": map[string]any{"max_concurrency": 100}}, 201)
 		if err != nil {
@@ -756,89 +722,23 @@ func bareLatency(ctx context.Context, e *env, o options) (latency, error) {
 	return l, nil
 }
 
-// proc is a running binary.
-type proc struct {
-	cmd  *exec.Cmd
-	url  string
-	mu   sync.Mutex
-	buf  bytes.Buffer
-	done chan struct{}
-}
-
-func (p *proc) Write(b []byte) (int, error) {
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	return p.buf.Write(b)
-}
-
-func (p *proc) logs() string {
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	return p.buf.String()
-}
-
-func startProc(ctx context.Context, path string, settings map[string]string) (*proc, error) {
-	p := &proc{cmd: exec.Command(path), done: make(chan struct{})}
-	p.cmd.Env = os.Environ()
+// startProc runs a binary of the stack with settings and waits until it
+// is ready.
+func startProc(ctx context.Context, path string, settings map[string]string) (*benchkit.Proc, error) {
+	cmd := exec.Command(path)
+	cmd.Env = os.Environ()
 	for k, v := range settings {
-		p.cmd.Env = append(p.cmd.Env, k+"="+v)
+		cmd.Env = append(cmd.Env, k+"="+v)
 	}
-	p.cmd.Stderr = p
-	stdout, err := p.cmd.StdoutPipe()
+	p, err := benchkit.Start(ctx, cmd)
 	if err != nil {
 		return nil, err
 	}
-	if err := p.cmd.Start(); err != nil {
+	if err := p.WaitReady(ctx, 30*time.Second); err != nil {
+		p.Stop()
 		return nil, err
 	}
-	go func() { _ = p.cmd.Wait(); close(p.done) }()
-	urls := make(chan string, 1)
-	go func() {
-		sc := bufio.NewScanner(stdout)
-		for sc.Scan() {
-			if _, u, ok := strings.Cut(sc.Text(), " listening on "); ok {
-				select {
-				case urls <- u:
-				default:
-				}
-			}
-		}
-	}()
-	select {
-	case p.url = <-urls:
-	case <-p.done:
-		return nil, fmt.Errorf("%s exited:\n%s", path, p.logs())
-	case <-time.After(30 * time.Second):
-		p.stop()
-		return nil, fmt.Errorf("%s did not listen within 30s:\n%s", path, p.logs())
-	case <-ctx.Done():
-		p.stop()
-		return nil, ctx.Err()
-	}
-	for deadline := time.Now().Add(30 * time.Second); ; {
-		res, err := http.Get(p.url + "/readyz")
-		if err == nil {
-			res.Body.Close()
-			if res.StatusCode == 200 {
-				return p, nil
-			}
-		}
-		if time.Now().After(deadline) {
-			p.stop()
-			return nil, fmt.Errorf("%s not ready:\n%s", path, p.logs())
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
-}
-
-func (p *proc) stop() {
-	_ = p.cmd.Process.Signal(syscall.SIGTERM)
-	select {
-	case <-p.done:
-	case <-time.After(20 * time.Second):
-		_ = p.cmd.Process.Kill()
-		<-p.done
-	}
+	return p, nil
 }
 
 func tail(s string) string {
@@ -850,13 +750,6 @@ func randHex(n int) string {
 	b := make([]byte, n)
 	_, _ = rand.Read(b)
 	return hex.EncodeToString(b)
-}
-
-func envOr(name, def string) string {
-	if v := os.Getenv(name); v != "" {
-		return v
-	}
-	return def
 }
 
 func envInt(name string, def int) int {

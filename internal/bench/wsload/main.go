@@ -28,7 +28,6 @@
 package main
 
 import (
-	"bufio"
 	"bytes"
 	"context"
 	"encoding/json"
@@ -56,6 +55,7 @@ import (
 	_ "github.com/lib/pq"
 	"github.com/redis/go-redis/v9"
 
+	"github.com/agentry/agentry/internal/bench/benchkit"
 	"github.com/agentry/agentry/internal/events"
 	"github.com/agentry/agentry/internal/postgres"
 	"github.com/agentry/agentry/internal/testenv"
@@ -119,12 +119,12 @@ func run(ctx context.Context, o options) error {
 	}
 	defer inst.close()
 	if o.verbose {
-		defer func() { fmt.Fprintln(os.Stderr, inst.api.logs()) }()
+		defer func() { fmt.Fprintln(os.Stderr, inst.api.Logs()) }()
 	}
 
 	// Idle: the api started, its pools warm, no connection yet.
 	time.Sleep(time.Second)
-	idle, err := rssKB(inst.api.cmd.Process.Pid)
+	idle, err := benchkit.RSSKB(inst.api.Pid())
 	if err != nil {
 		return err
 	}
@@ -141,7 +141,7 @@ func run(ctx context.Context, o options) error {
 		return err
 	}
 	time.Sleep(2 * time.Second) // let the api settle
-	held, err := rssKB(inst.api.cmd.Process.Pid)
+	held, err := benchkit.RSSKB(inst.api.Pid())
 	if err != nil {
 		return err
 	}
@@ -150,18 +150,18 @@ func run(ctx context.Context, o options) error {
 	// For comparison, how long Redis alone takes to deliver the events:
 	// one pub/sub connection of this process on every agent's channel.
 	direct := directLatency(ctx, inst)
-	cpu0, _ := cpuTime(inst.api.cmd.Process.Pid)
-	self0, _ := cpuTime(os.Getpid())
+	cpu0, _ := benchkit.CPUTime(inst.api.Pid())
+	self0, _ := benchkit.CPUTime(os.Getpid())
 	published, dispatched := load(ctx, inst, o, st)
-	cpu1, _ := cpuTime(inst.api.cmd.Process.Pid)
-	self1, _ := cpuTime(os.Getpid())
+	cpu1, _ := benchkit.CPUTime(inst.api.Pid())
+	self1, _ := benchkit.CPUTime(os.Getpid())
 	logf("CPU during the load: api %.0f%%, this load generator %.0f%% (of one core)",
 		100*(cpu1-cpu0).Seconds()/o.duration.Seconds(), 100*(self1-self0).Seconds()/o.duration.Seconds())
 	// Stragglers.
 	for deadline := time.Now().Add(5 * time.Second); st.received.Load() < published && time.Now().Before(deadline); {
 		time.Sleep(50 * time.Millisecond)
 	}
-	loaded, err := rssKB(inst.api.cmd.Process.Pid)
+	loaded, err := benchkit.RSSKB(inst.api.Pid())
 	if err != nil {
 		return err
 	}
@@ -185,11 +185,11 @@ func run(ctx context.Context, o options) error {
 		logf("Redis pub/sub alone (one subscriber here): p50 %.1f ms, p99 %.1f ms", ms(d[len(d)/2]), ms(d[len(d)*99/100]))
 	}
 	rss := max(held, loaded)
-	fmt.Printf("BENCH ws_connections %d conns\n", alive)
-	fmt.Printf("BENCH ws_api_rss %d MB\n", (rss+512)/1024)
-	fmt.Printf("BENCH ws_memory_per_conn %.1f KB\n", float64(rss-idle)/float64(len(clients)))
-	fmt.Printf("BENCH ws_event_latency_p50 %.1f ms\n", ms(lat[len(lat)/2]))
-	fmt.Printf("BENCH ws_event_latency_p99 %.1f ms\n", ms(lat[len(lat)*99/100]))
+	benchkit.Value("ws_connections", float64(alive), "conns")
+	benchkit.Value("ws_api_rss", float64((rss+512)/1024), "MB")
+	benchkit.Value("ws_memory_per_conn", float64(rss-idle)/float64(len(clients)), "KB")
+	benchkit.Value("ws_event_latency_p50", ms(lat[len(lat)/2]), "ms")
+	benchkit.Value("ws_event_latency_p99", ms(lat[len(lat)*99/100]), "ms")
 	logf("latency max %.1f ms", ms(lat[len(lat)-1]))
 	return nil
 }
@@ -217,7 +217,7 @@ func connect(ctx context.Context, inst *installation, o options, st *stats) ([]*
 	var firstErr error
 	var errOnce sync.Once
 	var wg sync.WaitGroup
-	url := "ws" + strings.TrimPrefix(inst.api.url, "http") + "/v1/ws"
+	url := "ws" + strings.TrimPrefix(inst.api.URL, "http") + "/v1/ws"
 	header := http.Header{"Authorization": {"Bearer " + inst.token}}
 	for range o.dialers {
 		wg.Add(1)
@@ -395,7 +395,7 @@ func load(ctx context.Context, inst *installation, o options, st *stats) (int64,
 				case <-t.C:
 				}
 				agent := inst.agents[rand.IntN(len(inst.agents))]
-				req, _ := http.NewRequestWithContext(context.Background(), http.MethodPost, inst.api.url+"/v1/agents/"+agent+"/commands", bytes.NewReader(body))
+				req, _ := http.NewRequestWithContext(context.Background(), http.MethodPost, inst.api.URL+"/v1/agents/"+agent+"/commands", bytes.NewReader(body))
 				req.Header.Set("Authorization", "Bearer "+inst.token)
 				req.Header.Set("Content-Type", "application/json")
 				res, err := http.DefaultClient.Do(req)
@@ -453,7 +453,7 @@ type installation struct {
 	schema, prefix string
 	admin          *sqlx.DB
 	rdb            *redis.Client
-	api, worker    *proc
+	api, worker    *benchkit.Proc
 	token          string
 	agents         []string
 }
@@ -511,34 +511,12 @@ func install(ctx context.Context, bin string, n int, worker bool) (*installation
 			return nil, err
 		}
 	}
-	post := func(path string, body map[string]any) (map[string]any, error) {
-		data, _ := json.Marshal(body)
-		res, err := http.Post(inst.api.url+path, "application/json", bytes.NewReader(data))
-		if err != nil {
-			return nil, err
-		}
-		defer res.Body.Close()
-		var out map[string]any
-		if err := json.NewDecoder(res.Body).Decode(&out); err != nil {
-			return nil, err
-		}
-		if res.StatusCode >= 300 {
-			return nil, fmt.Errorf("%s: %d %v", path, res.StatusCode, out)
-		}
-		return out, nil
-	}
-	u, err := post("/v1/auth/register", map[string]any{"email": "wsload@example.com", "password": "wsload-password", "name": "Load"})
-	if err == nil {
-		var tok map[string]any
-		tok, err = post("/v1/auth/login", map[string]any{"email": "wsload@example.com", "password": "wsload-password"})
-		if err == nil {
-			inst.token = tok["access_token"].(string)
-		}
-	}
+	u, token, err := benchkit.SignUp(inst.api.URL, "wsload@example.com", "wsload-password")
 	if err != nil {
 		inst.close()
 		return nil, err
 	}
+	inst.token = token
 	// Seeds n agents owned by the user.
 	if err := db.SelectContext(ctx, &inst.agents, `WITH ids AS (SELECT gen_random_uuid() AS id, g FROM generate_series(1, $3) g),
 			e AS (INSERT INTO entities (id, kind) SELECT id, 'agent' FROM ids)
@@ -552,131 +530,27 @@ func install(ctx context.Context, bin string, n int, worker bool) (*installation
 
 func (inst *installation) close() {
 	if inst.worker != nil {
-		inst.worker.stop()
+		inst.worker.Stop()
 	}
 	if inst.api != nil {
-		inst.api.stop()
+		inst.api.Stop()
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
 	if inst.rdb != nil {
-		iter := inst.rdb.Scan(ctx, 0, "*"+inst.prefix+"*", 1000).Iterator()
-		var keys []string
-		for iter.Next(ctx) {
-			keys = append(keys, iter.Val())
-		}
-		for len(keys) > 0 {
-			k := min(len(keys), 500)
-			inst.rdb.Del(ctx, keys[:k]...)
-			keys = keys[k:]
-		}
+		testenv.DeleteKeys(ctx, inst.rdb, "*"+inst.prefix+"*")
 		inst.rdb.Close()
 	}
 	_, _ = inst.admin.ExecContext(ctx, "DROP SCHEMA "+inst.schema+" CASCADE")
 	inst.admin.Close()
 }
 
-// proc is a running binary.
-type proc struct {
-	cmd  *exec.Cmd
-	url  string
-	log  *os.File
-	done chan struct{}
-}
-
-// startProc runs a binary with env, its log going to a file, and waits
+// startProc runs a binary with env added to this process's, and waits
 // until it says where it listens.
-func startProc(ctx context.Context, path string, env []string) (*proc, error) {
-	logFile, err := os.CreateTemp("", "agentry-wsload-"+filepath.Base(path)+"-*.log")
-	if err != nil {
-		return nil, err
-	}
+func startProc(ctx context.Context, path string, env []string) (*benchkit.Proc, error) {
 	cmd := exec.Command(path)
 	cmd.Env = append(os.Environ(), env...)
-	cmd.Stderr = logFile
-	out, _ := cmd.StdoutPipe()
-	if err := cmd.Start(); err != nil {
-		return nil, err
-	}
-	p := &proc{cmd: cmd, log: logFile, done: make(chan struct{})}
-	urls := make(chan string, 1)
-	go func() {
-		sc := bufio.NewScanner(out)
-		for sc.Scan() {
-			if _, url, ok := strings.Cut(sc.Text(), " listening on "); ok {
-				select {
-				case urls <- url:
-				default:
-				}
-			}
-		}
-	}()
-	go func() {
-		_ = cmd.Wait()
-		close(p.done)
-	}()
-	select {
-	case p.url = <-urls:
-		return p, nil
-	case <-p.done:
-		err = fmt.Errorf("%s exited: %s", path, p.logs())
-	case <-time.After(30 * time.Second):
-		err = fmt.Errorf("%s did not start: %s", path, p.logs())
-	case <-ctx.Done():
-		err = ctx.Err()
-	}
-	p.stop()
-	return nil, err
-}
-
-func (p *proc) logs() string {
-	data, _ := os.ReadFile(p.log.Name())
-	return string(data)
-}
-
-func (p *proc) stop() {
-	_ = p.cmd.Process.Signal(syscall.SIGTERM)
-	select {
-	case <-p.done:
-	case <-time.After(20 * time.Second):
-		_ = p.cmd.Process.Kill()
-		<-p.done
-	}
-	p.log.Close()
-	os.Remove(p.log.Name())
-}
-
-// rssKB is a process's resident set size in kB.
-func rssKB(pid int) (int64, error) {
-	data, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
-	if err != nil {
-		return 0, err
-	}
-	for _, line := range strings.Split(string(data), "\n") {
-		if v, ok := strings.CutPrefix(line, "VmRSS:"); ok {
-			return strconv.ParseInt(strings.TrimSpace(strings.TrimSuffix(strings.TrimSpace(v), "kB")), 10, 64)
-		}
-	}
-	return 0, errors.New("no VmRSS in /proc/" + strconv.Itoa(pid) + "/status")
-}
-
-// cpuTime is the user and system CPU time a process used so far.
-func cpuTime(pid int) (time.Duration, error) {
-	data, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
-	if err != nil {
-		return 0, err
-	}
-	// The fields after the command name (which may hold spaces) in
-	// parentheses; utime and stime are the 14th and 15th of the line.
-	_, rest, _ := strings.Cut(string(data), ") ")
-	f := strings.Fields(rest)
-	if len(f) < 13 {
-		return 0, errors.New("short /proc/pid/stat")
-	}
-	utime, _ := strconv.ParseInt(f[11], 10, 64)
-	stime, _ := strconv.ParseInt(f[12], 10, 64)
-	const ticks = 100 // USER_HZ
-	return time.Duration(utime+stime) * time.Second / ticks, nil
+	return benchkit.Start(ctx, cmd)
 }
 
 // raiseFileLimit raises this process's open file limit (which the api it
