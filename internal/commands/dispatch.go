@@ -128,7 +128,7 @@ func (d *Dispatcher) Dispatch(ctx context.Context, p *platform.Principal, agent 
 		hash := requestHash(agent.ID, req)
 		c.IdempotencyKey, c.RequestHash = &idempotencyKey, &hash
 	}
-	stored, created, err := d.Store.Insert(ctx, c)
+	stored, created, err := d.Store.InsertAdmitted(ctx, c)
 	if err != nil {
 		return nil, false, err
 	}
@@ -145,7 +145,12 @@ func (d *Dispatcher) Dispatch(ctx context.Context, p *platform.Principal, agent 
 	// would wait for the reconciler.
 	ctx = context.WithoutCancel(ctx)
 	d.Publish(ctx, "command.queued", stored)
-	d.Admit(ctx, stored.AgentID)
+	if stored.AdmittedAt != nil {
+		// Admitted as it was stored: straight to the queue.
+		d.enqueue(ctx, []Admitted{{AgentID: stored.AgentID, ID: stored.ID, Attempt: stored.Attempt, TimeoutS: stored.TimeoutS}})
+	} else {
+		d.Admit(ctx, stored.AgentID)
+	}
 	return stored, true, nil
 }
 

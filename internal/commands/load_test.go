@@ -2,8 +2,12 @@ package commands
 
 import (
 	"context"
+	"encoding/json"
+	"slices"
 	"testing"
 	"time"
+
+	"github.com/google/uuid"
 
 	"github.com/agentry/agentry/internal/platform"
 )
@@ -103,4 +107,81 @@ func TestFinishTellsOrgFull(t *testing.T) {
 	if err != nil || len(admitted) != 1 || admitted[0].ID != waiting.ID {
 		t.Fatalf("want the other agent's command admitted, got %+v (%v)", admitted, err)
 	}
+}
+
+// insertAdmitted stores commands for agent of org together, as dispatches
+// arriving at once are, admitting what the limits allow.
+func (f *fixture) insertAdmitted(org, agent string, priorities ...int) []*platform.Command {
+	f.t.Helper()
+	cs := make([]*platform.Command, len(priorities))
+	for i, p := range priorities {
+		cs[i] = &platform.Command{
+			Base:    platform.Base{ID: uuid.NewString(), OrgID: org, OwnerID: f.user},
+			AgentID: agent, Task: "agent:echo", Payload: json.RawMessage(`{}`), TimeoutS: 60, Priority: p,
+		}
+	}
+	out, err := f.store.InsertMany(context.Background(), cs, true)
+	if err != nil {
+		f.t.Fatalf("insert: %v", err)
+	}
+	return out
+}
+
+// admittedOf tells which of cs were admitted as they were stored.
+func admittedOf(cs []*platform.Command) []bool {
+	out := make([]bool, len(cs))
+	for i, c := range cs {
+		out[i] = c.AdmittedAt != nil
+	}
+	return out
+}
+
+// A dispatch admits its command as it stores it when nothing stands in the
+// way, and otherwise leaves it waiting, as admission would: behind the
+// agent's backlog, within its max_concurrency (highest priority first) and
+// the organization's limits, never for a disabled agent.
+func TestInsertAdmitsWithinLimits(t *testing.T) {
+	t.Parallel()
+	f := newFixture(t, Limits{OrgMaxInFlight: 5, OrgMaxQueued: 100})
+	a := f.newAgent(f.org, map[string]any{"max_concurrency": 2})
+
+	got := f.insertAdmitted(f.org, a, 0, 5, 1)
+	if want := []bool{false, true, true}; !slices.Equal(admittedOf(got), want) {
+		t.Fatalf("three for an agent of max_concurrency 2: admitted %v, want %v (highest priority first)", admittedOf(got), want)
+	}
+	if c := f.get(got[1].ID); c.AdmittedAt == nil {
+		t.Fatal("the admission was not stored")
+	}
+	f.checkLoad(f.org, "two admitted as inserted", [2]int{2, 2})
+	f.claim(got[1].ID, 1)
+	f.finish(got[1].ID, 1, succeeded)
+	// The agent has room again, but its waiting command goes first (of
+	// equal priority: admission takes the highest first).
+	if later := f.insertAdmitted(f.org, a, 0); later[0].AdmittedAt != nil {
+		t.Fatal("a new command was admitted ahead of the agent's waiting one")
+	}
+	if ids := f.admit(a); !slices.Equal(ids, []string{got[0].ID}) {
+		t.Fatalf("admission after: got %v, want the older waiting command %s", ids, got[0].ID)
+	}
+
+	// The organization's limit: 5 in flight, 2 of them a's.
+	b := f.newAgent(f.org, map[string]any{"max_concurrency": 10})
+	if got := f.insertAdmitted(f.org, b, 0, 0, 0, 0); !slices.Equal(admittedOf(got), []bool{true, true, true, false}) {
+		t.Fatalf("at the organization's limit: admitted %v, want the first three", admittedOf(got))
+	}
+	f.checkLoad(f.org, "the organization full", [2]int{5, 5})
+
+	// Another organization is not held back by this one; a disabled agent
+	// admits nothing.
+	org2, _ := f.newOrg()
+	c := f.newAgent(org2, nil)
+	if got := f.insertAdmitted(org2, c, 0); got[0].AdmittedAt == nil {
+		t.Fatal("another organization's command waits")
+	}
+	d := f.newAgent(org2, nil)
+	f.exec(`UPDATE agents SET status = 'disabled' WHERE id = $1`, d)
+	if got := f.insertAdmitted(org2, d, 0); got[0].AdmittedAt != nil {
+		t.Fatal("a disabled agent's command was admitted")
+	}
+	f.checkLoad(org2, "the other organization", [2]int{1, 1})
 }

@@ -39,7 +39,8 @@ type Store struct {
 	stmts map[string]*sqlx.Stmt
 
 	insertOnce sync.Once
-	inserts    *batch.Batcher[*platform.Command, *platform.Command]
+	inserts    *batch.Batcher[*platform.Command, *platform.Command] // Insert's
+	admits     *batch.Batcher[*platform.Command, *platform.Command] // InsertAdmitted's
 }
 
 // stmt returns query prepared on the pool. The statements a command goes
@@ -113,14 +114,40 @@ const agentStatus = `st AS MATERIALIZED (
 		WHERE a.id = st.id AND l.id = a.id AND a.status <> st.status
 		RETURNING a.id)`
 
-// Insert stores a new queued command and its first event. With an
-// idempotency key already used by the same caller within 24 hours it stores
-// nothing and returns the earlier command (created false).
+// Insert stores a new queued command and its first event, leaving its
+// admission to AdmitAgents. With an idempotency key already used by the same
+// caller within 24 hours it stores nothing and returns the earlier command
+// (created false).
 func (s *Store) Insert(ctx context.Context, c *platform.Command) (stored *platform.Command, created bool, err error) {
+	return s.insert(ctx, c, false)
+}
+
+// InsertAdmitted is Insert that also admits the command at once if the
+// limits allow (its AdmittedAt set): its agent has no older command waiting
+// and room for it, and so has its organization. Otherwise it waits for
+// AdmitAgents, as after Insert.
+func (s *Store) InsertAdmitted(ctx context.Context, c *platform.Command) (stored *platform.Command, created bool, err error) {
+	return s.insert(ctx, c, true)
+}
+
+func (s *Store) insert(ctx context.Context, c *platform.Command, admit bool) (stored *platform.Command, created bool, err error) {
 	// Commands dispatched at once are inserted together.
-	s.insertOnce.Do(func() { s.inserts = batch.New(2, batchMax, s.InsertMany) })
+	s.insertOnce.Do(func() {
+		s.inserts = batch.New(2, batchMax, func(ctx context.Context, cs []*platform.Command) ([]*platform.Command, error) {
+			return s.InsertMany(ctx, cs, false)
+		})
+		// One lane: admitting batches of an organization queue on its
+		// lock until they commit anyway.
+		s.admits = batch.New(1, batchMax, func(ctx context.Context, cs []*platform.Command) ([]*platform.Command, error) {
+			return s.InsertMany(ctx, cs, true)
+		})
+	})
+	inserts := s.inserts
+	if admit {
+		inserts = s.admits
+	}
 	for range 3 {
-		out, err := s.inserts.Do(c)
+		out, err := inserts.Do(c)
 		if err == nil && out != nil {
 			return out, true, nil
 		}
@@ -153,9 +180,10 @@ func (s *Store) Insert(ctx context.Context, c *platform.Command) (stored *platfo
 }
 
 // InsertMany stores new queued commands and their first events in one
-// statement. The result is in the order of cs; a command whose idempotency
-// key or schedule fire time is taken is not stored (nil).
-func (s *Store) InsertMany(ctx context.Context, cs []*platform.Command) ([]*platform.Command, error) {
+// statement, and with admit also admits what the limits allow of them (see
+// InsertAdmitted). The result is in the order of cs; a command whose
+// idempotency key or schedule fire time is taken is not stored (nil).
+func (s *Store) InsertMany(ctx context.Context, cs []*platform.Command, admit bool) ([]*platform.Command, error) {
 	n := len(cs)
 	ids, orgs, owners, agents := make([]string, n), make([]string, n), make([]string, n), make([]string, n)
 	task, payload := make([]string, n), make([]string, n)
@@ -173,22 +201,13 @@ func (s *Store) InsertMany(ctx context.Context, cs []*platform.Command) ([]*plat
 	}
 	var rows []*platform.Command
 	// Inserts the commands (skipping used idempotency keys and fired
-	// schedule times), stamped in order, and their "queued" events; returns
-	// the stored commands.
-	err := s.sel(ctx, &rows, `WITH done AS (
-			INSERT INTO commands (id, org_id, owner_id, agent_id, task, payload, priority, timeout_s, max_retries,
-				idempotency_key, request_hash, schedule_id, fire_time, created_at)
-			SELECT r.id, r.org_id, r.owner_id, r.agent_id, r.task, r.payload::jsonb, r.priority, r.timeout_s, r.max_retries,
-				r.idempotency_key, r.request_hash, r.schedule_id::uuid, r.fire_time::timestamptz, clock_timestamp()
-			FROM unnest($1::uuid[], $2::uuid[], $3::uuid[], $4::uuid[], $5::text[], $6::text[], $7::integer[], $8::integer[], $9::integer[],
-				$10::text[], $11::text[], $12::text[], $13::text[])
-				AS r(id, org_id, owner_id, agent_id, task, payload, priority, timeout_s, max_retries, idempotency_key, request_hash, schedule_id, fire_time)
-			ON CONFLICT DO NOTHING
-			RETURNING *),
-		ev AS (INSERT INTO command_events (command_id, type, status) SELECT id, 'queued', status FROM done)
-		SELECT * FROM done`,
+	// schedule times), admitting what it may, with their "queued" events;
+	// returns the stored commands.
+	err := s.sel(ctx, &rows, `SELECT * FROM insert_commands($1::uuid[], $2::uuid[], $3::uuid[], $4::uuid[], $5::text[], $6::text[],
+			$7::integer[], $8::integer[], $9::integer[], $10::text[], $11::text[], $12::text[], $13::text[], $14, $15, $16)`,
 		pq.Array(ids), pq.Array(orgs), pq.Array(owners), pq.Array(agents), pq.Array(task), pq.Array(payload),
-		pq.Array(priority), pq.Array(timeout), pq.Array(retries), pq.Array(key), pq.Array(hash), pq.Array(schedule), pq.Array(fire))
+		pq.Array(priority), pq.Array(timeout), pq.Array(retries), pq.Array(key), pq.Array(hash), pq.Array(schedule), pq.Array(fire),
+		admit, s.Limits.OrgMaxInFlight, s.Limits.OrgMaxQueued)
 	if err != nil {
 		return nil, sqlq.MapError(err, "command not found")
 	}

@@ -781,13 +781,16 @@ func TestFairnessAcrossOrganizations(t *testing.T) {
 	}
 	agentB := cmdAgent(t, b.Client, map[string]any{"max_concurrency": 20})
 
+	// Org A's commands run 100 ms each: 20 worker slots run at most 200 a
+	// second of them, less than it dispatches even on a slow machine, so a
+	// backlog builds up.
 	const backlog = 5000
 	jobs := make(chan int)
 	var wg sync.WaitGroup
 	for range 16 {
 		wg.Go(func() {
 			for i := range jobs {
-				r := a.Do("POST", "/v1/agents/"+agentsA[i%len(agentsA)]+"/commands", sleep(20))
+				r := a.Do("POST", "/v1/agents/"+agentsA[i%len(agentsA)]+"/commands", sleep(100))
 				if r.Status != 202 {
 					t.Errorf("org A dispatch: %d %s", r.Status, r.Body)
 					return

@@ -568,16 +568,28 @@ func pipelineLatency(ctx context.Context, e *env, o options) (latency, error) {
 		return latency{}, err
 	}
 	var rows []struct {
-		ID      string    `db:"id"`
-		Started time.Time `db:"started_at"`
+		ID       string    `db:"id"`
+		Created  time.Time `db:"created_at"`
+		Admitted time.Time `db:"admitted_at"`
+		Started  time.Time `db:"started_at"`
 	}
-	if err := e.db.SelectContext(ctx, &rows, `SELECT id, started_at FROM commands WHERE created_at >= $1`, since); err != nil {
+	if err := e.db.SelectContext(ctx, &rows, `SELECT id, created_at, admitted_at, started_at FROM commands WHERE created_at >= $1 ORDER BY created_at`, since); err != nil {
 		return latency{}, err
 	}
 	ds := make([]time.Duration, 0, len(rows))
 	for _, r := range rows {
 		if at, ok := accepted[r.ID]; ok && !warming[r.ID] {
 			ds = append(ds, max(0, r.Started.Sub(at)))
+		}
+	}
+	if e.verbose {
+		// The slow starts, when they were dispatched and where they waited.
+		for _, r := range rows {
+			if at, ok := accepted[r.ID]; ok && !warming[r.ID] && r.Started.Sub(at) > 25*time.Millisecond {
+				fmt.Fprintf(os.Stderr, "slow: +%s accepted %s after its insert; admitted +%s, started +%s after the 202\n",
+					r.Created.Sub(rows[0].Created).Round(time.Millisecond), at.Sub(r.Created).Round(100*time.Microsecond),
+					r.Admitted.Sub(at).Round(100*time.Microsecond), r.Started.Sub(at).Round(100*time.Microsecond))
+			}
 		}
 	}
 	l := summarize(ds, sent, took)
