@@ -19,8 +19,9 @@ import (
 // the work of many, which is what lets a few PostgreSQL connections keep up
 // with many concurrent commands.
 //
-// No goroutine outlives the work: a run starts one when there is none (up
-// to lanes at a time), and it ends when nothing is left to run.
+// No goroutine outlives the work: a call runs batches itself when a lane is
+// free (up to lanes at a time), a goroutine takes over what is pending when
+// its call is done, and it ends when nothing is left to run.
 type Batcher[T, R any] struct {
 	// run does a batch; its result is in the order of in.
 	run   func(ctx context.Context, in []T) ([]R, error)
@@ -59,72 +60,118 @@ func New[T, R any](lanes, max int, run func(ctx context.Context, in []T) ([]R, e
 // context: a caller that gave up could not know whether the batch did its
 // work, which it must (a claimed attempt is the caller's to run); each
 // batch is bounded by its own timeout instead.
+//
+// A caller that finds a lane free runs batches itself until its own call
+// is done, then leaves what is left to a goroutine: an idle batcher costs
+// no goroutine (nor the growth of a new goroutine's stack) per call.
 func (b *Batcher[T, R]) Do(in T) (R, error) {
 	c := &batchCall[T, R]{in: in, done: make(chan struct{})}
 	b.mu.Lock()
 	b.pending = append(b.pending, c)
-	if b.running < b.lanes {
+	lead := b.running < b.lanes
+	if lead {
 		b.running++
-		go b.loop()
 	}
 	b.mu.Unlock()
+	if lead {
+		b.lead(c)
+	}
 	<-c.done
 	return c.out, c.err
 }
 
-// loop runs batches until nothing is pending.
+// lead runs batches on a lane until c is done, then hands the lane to a
+// goroutine if calls are pending, or gives it back.
+func (b *Batcher[T, R]) lead(c *batchCall[T, R]) {
+	for {
+		select {
+		case <-c.done:
+			b.mu.Lock()
+			if len(b.pending) == 0 {
+				b.running--
+				b.mu.Unlock()
+				return
+			}
+			b.mu.Unlock()
+			go b.loop()
+			return
+		default:
+		}
+		calls := b.take()
+		if calls == nil {
+			return // cannot be: c is pending
+		}
+		b.runCalls(calls)
+	}
+}
+
+// loop runs batches on a lane until nothing is pending.
 func (b *Batcher[T, R]) loop() {
 	for {
-		b.mu.Lock()
-		if len(b.pending) == 0 {
-			b.running--
-			b.mu.Unlock()
+		calls := b.take()
+		if calls == nil {
 			return
 		}
-		if b.Linger > 0 && len(b.pending) < b.max {
-			b.mu.Unlock()
-			time.Sleep(b.Linger)
-			b.mu.Lock()
-		}
-		n := min(len(b.pending), b.max)
-		calls := make([]*batchCall[T, R], n)
-		copy(calls, b.pending)
-		b.pending = append(b.pending[:0], b.pending[n:]...)
-		b.mu.Unlock()
+		b.runCalls(calls)
+	}
+}
 
-		in := make([]T, n)
+// take returns the next batch, after the linger; nil, and the lane given
+// back, when nothing is pending.
+func (b *Batcher[T, R]) take() []*batchCall[T, R] {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if len(b.pending) == 0 {
+		b.running--
+		return nil
+	}
+	if b.Linger > 0 && len(b.pending) < b.max {
+		b.mu.Unlock()
+		time.Sleep(b.Linger)
+		b.mu.Lock()
+	}
+	n := min(len(b.pending), b.max)
+	calls := make([]*batchCall[T, R], n)
+	copy(calls, b.pending)
+	b.pending = append(b.pending[:0], b.pending[n:]...)
+	return calls
+}
+
+// runCalls runs a batch and tells each call its result.
+func (b *Batcher[T, R]) runCalls(calls []*batchCall[T, R]) {
+	n := len(calls)
+	in := make([]T, n)
+	for i, c := range calls {
+		in[i] = c.in
+	}
+	out, err := b.runWithRetry(in)
+	if err == nil && len(out) != n {
+		err = fmt.Errorf("batch: %d results for %d calls", len(out), n)
+	}
+	if err != nil && n > 1 && callsFault(err) {
+		// One bad call (a command whose agent was just deleted, say)
+		// must not fail the others: run each alone.
 		for i, c := range calls {
-			in[i] = c.in
-		}
-		out, err := b.runWithRetry(in)
-		if err == nil && len(out) != n {
-			err = fmt.Errorf("batch: %d results for %d calls", len(out), n)
-		}
-		if err != nil && n > 1 && callsFault(err) {
-			// One bad call (a command whose agent was just deleted, say)
-			// must not fail the others: run each alone.
-			for i, c := range calls {
-				res, err := b.runWithRetry(in[i : i+1])
-				if err == nil && len(res) != 1 {
-					err = fmt.Errorf("batch: %d results for 1 call", len(res))
-				}
-				if err != nil {
-					c.err = err
-				} else {
-					c.out = res[0]
-				}
-				close(c.done)
+			res, err := b.runWithRetry(in[i : i+1])
+			if err == nil && len(res) != 1 {
+				err = fmt.Errorf("batch: %d results for 1 call", len(res))
 			}
-			continue
-		}
-		for i, c := range calls {
 			if err != nil {
 				c.err = err
 			} else {
-				c.out = out[i]
+				c.out = res[0]
 			}
 			close(c.done)
 		}
+		return
+	}
+	for i, c := range calls {
+		if err != nil {
+			c.err = err
+		} else {
+			c.out = out[i]
+		}
+		close(c.done)
 	}
 }
 

@@ -1,8 +1,10 @@
 package main
 
 import (
+	"cmp"
 	"context"
 	"fmt"
+	"slices"
 	"strconv"
 	"strings"
 	"time"
@@ -17,6 +19,7 @@ type snapshot struct {
 	xacts    int64                    // committed PostgreSQL transactions of the database
 	tuples   map[string][2]int64      // per table of the schema: inserted, updated
 	redis    int64                    // Redis commands served
+	redisBy  map[string][2]int64      // Redis commands served by name: calls, microseconds
 	commands int64
 }
 
@@ -50,6 +53,24 @@ func (e *env) snapshot(ctx context.Context) snapshot {
 			s.redis, _ = strconv.ParseInt(v, 10, 64)
 		}
 	}
+	s.redisBy = map[string][2]int64{}
+	stats, _ := e.rdb.Info(ctx, "commandstats").Result()
+	for _, l := range strings.Split(stats, "\n") {
+		// cmdstat_xadd:calls=10,usec=40,usec_per_call=4.00,...
+		name, rest, ok := strings.Cut(strings.TrimPrefix(strings.TrimSpace(l), "cmdstat_"), ":")
+		if !ok || strings.HasPrefix(l, "#") {
+			continue
+		}
+		var v [2]int64
+		for _, kv := range strings.Split(rest, ",") {
+			if n, ok := strings.CutPrefix(kv, "calls="); ok {
+				v[0], _ = strconv.ParseInt(n, 10, 64)
+			} else if n, ok := strings.CutPrefix(kv, "usec="); ok {
+				v[1], _ = strconv.ParseInt(n, 10, 64)
+			}
+		}
+		s.redisBy[name] = v
+	}
 	_ = e.db.GetContext(ctx, &s.commands, `SELECT count(*) FROM commands`)
 	return s
 }
@@ -79,6 +100,21 @@ func explain(e *env, run string, before, after snapshot) {
 		}
 	}
 	fmt.Printf("  redis commands per command: %.1f (whole server)\n", float64(after.redis-before.redis)/n)
+	type stat struct {
+		name        string
+		calls, usec float64
+	}
+	var top []stat
+	for name, a := range after.redisBy {
+		b := before.redisBy[name]
+		if calls := float64(a[0]-b[0]) / n; calls >= 0.05 {
+			top = append(top, stat{name, calls, float64(a[1]-b[1]) / n})
+		}
+	}
+	slices.SortFunc(top, func(a, b stat) int { return cmp.Compare(b.usec, a.usec) })
+	for _, t := range top {
+		fmt.Printf("    redis %-14s %5.2f calls, %6.1f µs per command\n", t.name, t.calls, t.usec)
+	}
 }
 
 // cpuOf is the CPU time of a process so far, 0 if it is gone.
