@@ -85,7 +85,9 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 	// handler does not wait for them): they wait a moment for others to go
 	// together, which spares Redis and PostgreSQL round trips under load.
 	bus.Linger = 2 * time.Millisecond
-	notifications := &notify.Service{DB: db, Events: bus, Logger: logger, Linger: 2 * time.Millisecond}
+	// A person reads notifications: 20 ms more is nothing to them, and
+	// under load one statement stores dozens.
+	notifications := &notify.Service{DB: db, Events: bus, Logger: logger, Linger: 20 * time.Millisecond}
 	dispatcher := &commands.Dispatcher{
 		Store:  &commands.Store{DB: db, Limits: commands.Limits{OrgMaxInFlight: s.OrgMaxInFlight, OrgMaxQueued: s.OrgMaxQueued}},
 		Queue:  queue,
@@ -105,9 +107,9 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 		Metrics:    cmdMetrics,
 		WorkerID:   workerID(),
 		Heartbeat:  s.WorkerHeartbeat,
-		// An outcome waits up to a millisecond to be recorded with others:
-		// a command ends that much later, for far fewer statements under load.
-		RecordLinger: time.Millisecond,
+		// An outcome waits up to 3 ms to be recorded with others: a command
+		// ends that much later, for far fewer statements under load.
+		RecordLinger: 3 * time.Millisecond,
 		OnFinish:     notifications.CommandFinished,
 	}
 	if err := runner.Start(ctx); err != nil {

@@ -92,6 +92,7 @@ func explain(e *env, run string, before, after snapshot) {
 		d := after.cpu[name] - before.cpu[name]
 		fmt.Printf("  cpu %-9s %7.1f ms per 1000 commands\n", name, float64(d.Microseconds())/n)
 	}
+	fmt.Printf("  postgres transactions per command: %.2f (the whole database)\n", float64(after.xacts-before.xacts)/n)
 	for table, a := range after.tuples {
 		b := before.tuples[table]
 		ins, upd := float64(a[0]-b[0])/n, float64(a[1]-b[1])/n
