@@ -3,6 +3,7 @@ package commands
 import (
 	"context"
 	"encoding/json"
+	"slices"
 	"sync"
 	"testing"
 	"time"
@@ -102,5 +103,80 @@ func TestConcurrentInserts(t *testing.T) {
 	var n int
 	if err := f.db.Get(&n, `SELECT count(*) FROM commands WHERE agent_id = $1`, agent); err != nil || n != 27 {
 		t.Fatalf("want 27 commands stored, got %d (%v)", n, err)
+	}
+}
+
+// Dispatches admitted as they are stored, concurrently through two API
+// replicas (two stores), with claims and outcomes going on, never put an
+// agent over its max_concurrency nor its organization over its limit.
+func TestConcurrentInsertsAdmitWithinLimits(t *testing.T) {
+	t.Parallel()
+	f := newFixture(t, Limits{OrgMaxInFlight: 5, OrgMaxQueued: 100})
+	ctx := context.Background()
+	stores := []*Store{f.store, {DB: f.db, Limits: f.store.Limits}}
+	agents := []string{f.newAgent(f.org, map[string]any{"max_concurrency": 3}), f.newAgent(f.org, map[string]any{"max_concurrency": 3})}
+	var wg sync.WaitGroup
+	var mu sync.Mutex
+	var admitted []string
+	for i := range 60 {
+		wg.Go(func() {
+			c := &platform.Command{Base: platform.Base{ID: uuid.NewString(), OrgID: f.org, OwnerID: f.user}, AgentID: agents[i%2],
+				Task: "agent:echo", Payload: json.RawMessage(`{}`), TimeoutS: 60}
+			out, created, err := stores[i/2%2].InsertAdmitted(ctx, c)
+			if err != nil || !created {
+				t.Errorf("insert %d: created %v, err %v", i, created, err)
+				return
+			}
+			if out.AdmittedAt != nil {
+				mu.Lock()
+				admitted = append(admitted, out.ID)
+				mu.Unlock()
+			}
+		})
+	}
+	// Meanwhile, limits are checked as commands start and end.
+	check := func() {
+		var perAgent []int
+		if err := f.db.Select(&perAgent, `SELECT count(*) FROM commands WHERE org_id = $1 AND admitted_at IS NOT NULL
+			AND status IN ('queued', 'running') GROUP BY agent_id`, f.org); err != nil {
+			t.Fatal(err)
+		}
+		total := 0
+		for _, n := range perAgent {
+			if n > 3 {
+				t.Fatalf("an agent has %d commands admitted, over its max_concurrency of 3", n)
+			}
+			total += n
+		}
+		if total > 5 {
+			t.Fatalf("the organization has %d commands admitted, over its limit of 5", total)
+		}
+	}
+	done := make(chan struct{})
+	go func() { wg.Wait(); close(done) }()
+	finished := 0
+	for running := true; running; {
+		select {
+		case <-done:
+			running = false
+		default:
+		}
+		check()
+		mu.Lock()
+		batch := slices.Clone(admitted[finished:])
+		finished = len(admitted)
+		mu.Unlock()
+		for _, id := range batch {
+			f.claim(id, 1)
+			f.finish(id, 1, succeeded)
+		}
+	}
+	check()
+	t.Logf("%d of 60 dispatches admitted as stored", len(admitted))
+	if len(admitted) < 5 {
+		t.Fatalf("only %d of 60 dispatches admitted as stored, want at least the limit's 5", len(admitted))
+	}
+	if counted, recounted := f.load(f.org); counted != recounted {
+		t.Fatalf("org_load says %v in flight/queued, the commands %v", counted, recounted)
 	}
 }
