@@ -286,6 +286,8 @@ func serve(ctx context.Context, s config.Settings, stdout io.Writer, logger *slo
 		Events:  bus,
 		Logger:  logger,
 		Metrics: cmdMetrics,
+		// A cancel changes the agent's status.
+		AgentChanged: func(ctx context.Context, agentID string) { _ = crud.StateChanged(ctx, rows, "Agent", agentID) },
 	}
 	srv.Routes(httpapi.Deps{
 		Dispatcher: dispatcher,

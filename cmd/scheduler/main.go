@@ -121,9 +121,9 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 	return err
 }
 
-// agentChanged makes the API's cached copy of an agent stale.
+// agentChanged makes the API's cached copy of an agent's status stale.
 func agentChanged(rows *cache.Versioned) func(context.Context, string) {
 	return func(ctx context.Context, agentID string) {
-		_ = rows.Bump(ctx, crud.ResourceDep("Agent", agentID))
+		_ = crud.StateChanged(ctx, rows, "Agent", agentID)
 	}
 }

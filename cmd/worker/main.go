@@ -152,10 +152,10 @@ func workerID() string {
 	return fmt.Sprintf("%s-%d-%s", host, os.Getpid(), hex.EncodeToString(b[:]))
 }
 
-// agentChanged makes the API's cached copy of an agent stale.
+// agentChanged makes the API's cached copy of an agent's status stale.
 func agentChanged(rows *cache.Versioned) func(context.Context, string) {
 	return func(ctx context.Context, agentID string) {
-		_ = rows.Bump(ctx, crud.ResourceDep("Agent", agentID))
+		_ = crud.StateChanged(ctx, rows, "Agent", agentID)
 	}
 }
 

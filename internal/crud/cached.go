@@ -12,9 +12,11 @@ import (
 )
 
 // ResourceDep is the cache version of one resource; TypeDep that of the
-// type-wide ACL entries of a type in an organization. Writes bump them.
+// type-wide ACL entries of a type in an organization; StateDep that of a
+// resource's state fields (Resource.State). Writes bump them.
 func ResourceDep(typ, id string) string { return "r:" + typ + ":" + id }
 func TypeDep(orgID, typ string) string  { return "t:" + orgID + ":" + typ }
+func StateDep(typ, id string) string    { return "s:" + typ + ":" + id }
 
 // errNoCache makes Get read the database itself.
 var errNoCache = errors.New("no cache")
@@ -27,10 +29,20 @@ type cachedRow[T any] struct {
 	Entries []platform.ACLEntry `json:"entries"`
 }
 
-// loadCached is load through the cache, for reads outside transactions.
-func (h *Handle[T]) loadCached(ctx context.Context, p *platform.Principal, id, action string) (*T, error) {
+// loadCached is load through the cache, for reads outside transactions;
+// with state false, the copy need not have the latest state fields (see
+// GetDefinition), and is cached apart.
+func (h *Handle[T]) loadCached(ctx context.Context, p *platform.Principal, id, action string, state bool) (*T, error) {
 	deps := []string{ResourceDep(h.scope.Type, id), TypeDep(p.OrgID, h.scope.Type)}
-	data, err := h.reg.Cache.Get(ctx, "row:"+h.scope.Type+":"+id, deps, func(ctx context.Context) ([]byte, error) {
+	key := "row:" + h.scope.Type + ":" + id
+	if h.state {
+		if state {
+			deps = append(deps, StateDep(h.scope.Type, id))
+		} else {
+			key = "def:" + h.scope.Type + ":" + id
+		}
+	}
+	data, err := h.reg.Cache.Get(ctx, key, deps, func(ctx context.Context) ([]byte, error) {
 		var args sqlq.Args
 		idArg := args.Add(id)
 		q := "SELECT " + h.m.selectList + ", " + h.reg.Guard.AllEntries(h.scope, &args) + " FROM " + sqlq.Ident(h.table) + " t WHERE t.id = " + idArg

@@ -198,6 +198,12 @@ type Resource[T, In any] struct {
 	// model must round-trip through JSON (no json:"-" fields), and every
 	// write of its rows outside the framework must call Handle.Notify.
 	Cached bool
+	// State, with Cached, tells that fields of this resource's rows change
+	// outside its API, often (an agent's status, as it runs commands): such
+	// a change bumps StateDep, not the resource's version, so that
+	// GetDefinition keeps serving the rest from the cache. Get's copy
+	// depends on both.
+	State bool
 	// Hooks run inside the write's transaction, before the statement. They
 	// may change row (server-owned fields) or refuse with an error.
 	BeforeCreate func(ctx context.Context, tx *sqlx.Tx, in *In, row *T) error
@@ -218,6 +224,7 @@ type Handle[T any] struct {
 	view   func(context.Context, *T)
 	create func(ctx context.Context, body []byte) (*T, error)
 	cached bool
+	state  bool
 }
 
 // Create creates a resource from a JSON body of the resource's input type,
@@ -294,6 +301,7 @@ func Register[T, In any](reg *Registry, res Resource[T, In]) *Handle[T] {
 			}
 		}
 		r.Handle.cached = true
+		r.Handle.state = res.State
 	}
 	r.register()
 	return &r.Handle
@@ -378,7 +386,7 @@ func (h *Handle[T]) Get(ctx context.Context, id, action string) (*T, *platform.P
 		return nil, nil, err
 	}
 	if h.cached && h.reg.Cache != nil {
-		row, err := h.loadCached(ctx, p, id, action)
+		row, err := h.loadCached(ctx, p, id, action, true)
 		if !errors.Is(err, errNoCache) {
 			return row, p, err
 		}
@@ -387,14 +395,21 @@ func (h *Handle[T]) Get(ctx context.Context, id, action string) (*T, *platform.P
 	return row, p, err
 }
 
-// GetUncached is Get reading the database, not the cache: for rows that
-// change more often than they are read (an agent being dispatched to
-// flips between busy and idle with each of its commands, so its cache
-// entry is mostly stale, and a miss costs more than the read).
-func (h *Handle[T]) GetUncached(ctx context.Context, id, action string) (*T, *platform.Principal, error) {
+// GetDefinition is Get for a caller that needs the row's definition and
+// access, not its state (see Resource.State): those are as fresh as Get's,
+// but the state fields may be older than the last StateChanged. Dispatching
+// to an agent reads it so: its status flips with every command it runs,
+// which would leave Get's cached copy mostly stale.
+func (h *Handle[T]) GetDefinition(ctx context.Context, id, action string) (*T, *platform.Principal, error) {
 	p, err := h.reg.Guard.Caller(ctx)
 	if err != nil {
 		return nil, nil, err
+	}
+	if h.cached && h.reg.Cache != nil {
+		row, err := h.loadCached(ctx, p, id, action, false)
+		if !errors.Is(err, errNoCache) {
+			return row, p, err
+		}
 	}
 	row, err := h.load(ctx, nil, p, id, action, false)
 	return row, p, err
@@ -464,6 +479,12 @@ func (h *Handle[T]) Notify(ctx context.Context, op Op, row *T) {
 		_ = h.reg.Cache.Bump(ctx, ResourceDep(ref.Type, ref.ID))
 	}
 	h.reg.notify(ctx, Change{Op: op, Scope: h.scope, Ref: ref, Row: row})
+}
+
+// StateChanged makes the cached copies of the row id stale for Get, after
+// its state fields changed outside the API (see Resource.State).
+func StateChanged(ctx context.Context, cache Cache, typ, id string) error {
+	return cache.Bump(ctx, StateDep(typ, id))
 }
 
 // AccessScope returns the resource's access scope.

@@ -103,9 +103,9 @@ func (s *Server) commandRoutes(d Deps, res *Resources) {
 		"Queues a command for the agent and answers 202 with it; watch it on GET /v1/commands/{id} or the WebSocket topic command:{id}. Needs `Agent.command` on the agent. An unknown task or a payload that does not fit the task is 400; a disabled agent 409. The agent runs one command at a time unless its config's max_concurrency allows more; the rest wait in order.",
 		http.StatusAccepted, true, http.StatusNotFound, http.StatusForbidden, http.StatusConflict)
 	huma.Register(s.API, op, func(ctx context.Context, in *dispatchInput) (*dispatchOutput, error) {
-		// The agent's status flips with each command it runs: its cache
-		// entry is mostly stale here.
-		agent, p, err := res.Agents.GetUncached(ctx, in.ID, "command")
+		// The agent's status flips with each command it runs; a dispatch
+		// needs the rest of it (and its access), which stays cached.
+		agent, p, err := res.Agents.GetDefinition(ctx, in.ID, "command")
 		if err != nil {
 			return nil, err
 		}

@@ -348,7 +348,7 @@ func (s *Server) resourceRoutes(d Deps) *Resources {
 	}
 	res.Agents = crud.Register(d.Registry, crud.Resource[platform.Agent, AgentInput]{
 		Scope: AgentScope, Path: "/v1/agents", Table: "agents", Tag: "Agents",
-		Ops: crud.AllOps, Cached: true,
+		Ops: crud.AllOps, Cached: true, State: true, // status: busy, idle, error as it runs commands
 		Description: "Agents run commands. Make one from scratch, or from a template (template_id; its params merge over the template's). An agent can hold API keys. Its status is the platform's to set.",
 		Sort:        []string{"name", "status"},
 		Filters:     []crud.Filter{{Param: "status", Column: "status"}, {Param: "name", Column: "name"}, {Param: "environment_id", Column: "environment_id"}, {Param: "template_id", Column: "template_id"}, {Param: "owner_id", Column: "owner_id"}},
