@@ -27,10 +27,15 @@ DECLARE
     v_admit uuid[] := '{}';
 BEGIN
     IF p_admit THEN
-        -- Organizations in id order, as admit_agents takes their locks.
+        -- Organizations in id order, as admit_agents takes their locks; only
+        -- those with an agent here that has no backlog (checked again under
+        -- the lock): behind a backlog, a dispatch takes no lock.
         FOR v_org IN
             SELECT o.id, COALESCE(o.org_max_in_flight, p_org_limit) AS lim
-              FROM organizations o WHERE o.id = ANY(p_org) ORDER BY o.id
+              FROM organizations o
+             WHERE o.id IN (SELECT r.org FROM unnest(p_agent, p_org) AS r(agent, org)
+                             WHERE NOT EXISTS (SELECT 1 FROM commands w WHERE w.agent_id = r.agent AND w.status = 'queued' AND w.admitted_at IS NULL))
+             ORDER BY o.id
         LOOP
             PERFORM pg_advisory_xact_lock(hashtextextended('agentry:admit:' || v_org.id::text, 0));
             SELECT COALESCE(sum(l.inflight), 0), COALESCE(sum(l.queued), 0) INTO v_busy, v_waiting
