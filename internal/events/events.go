@@ -69,15 +69,21 @@ func (b *Bus) Channel(topic string) string { return b.prefix + ":ev:" + topic }
 // TopicOf returns the topic of a channel name.
 func (b *Bus) TopicOf(channel string) string { return strings.TrimPrefix(channel, b.prefix+":ev:") }
 
-// publish appends an event to the stream KEYS[1] (capped near ARGV[1]
+// publish appends one event to the streams KEYS (each capped near ARGV[1]
 // entries, kept ARGV[2] ms after its last event) and publishes it, with its
-// new id, on channel ARGV[3]. ARGV[4] is the type, ARGV[5] the topic and
-// ARGV[6] the JSON data. Returns the id.
+// new id in each, on each one's channel. ARGV[3] is the type, ARGV[4] the
+// JSON data; then come the channels of KEYS, in order, then their topics.
+// One call for all the topics of an event spares Redis a script call per
+// topic. Returns how many topics it reached.
 var publish = redis.NewScript(`
-local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*', 't', ARGV[4], 'd', ARGV[6])
-redis.call('PEXPIRE', KEYS[1], ARGV[2])
-redis.call('PUBLISH', ARGV[3], '{"type":' .. cjson.encode(ARGV[4]) .. ',"topic":' .. cjson.encode(ARGV[5]) .. ',"id":"' .. id .. '","data":' .. ARGV[6] .. '}')
-return id`)
+local n = #KEYS
+local typ = cjson.encode(ARGV[3])
+for i = 1, n do
+  local id = redis.call('XADD', KEYS[i], 'MAXLEN', '~', ARGV[1], '*', 't', ARGV[3], 'd', ARGV[4])
+  redis.call('PEXPIRE', KEYS[i], ARGV[2])
+  redis.call('PUBLISH', ARGV[4 + i], '{"type":' .. typ .. ',"topic":' .. cjson.encode(ARGV[4 + n + i]) .. ',"id":"' .. id .. '","data":' .. ARGV[4] .. '}')
+end
+return n`)
 
 // Publish sends an event of typ with data (marshalled to JSON) to every topic.
 //
@@ -102,52 +108,64 @@ func (b *Bus) Publish(ctx context.Context, typ string, data any, topics ...strin
 	return nil
 }
 
-// publishMany runs the publish script for every topic of ps in one
-// pipeline, by its hash; scripts Redis does not hold (after a restart) are
-// sent whole, once more. Each publication gets its own error: one that
-// failed is not sent again with those that did not.
+// publishMany runs the publish script for each of ps (all its topics at
+// once) in one pipeline, by its hash; scripts Redis does not hold (after a
+// restart) are sent whole, once more. Each publication gets its own error:
+// one that failed is not sent again with those that did not.
 func (b *Bus) publishMany(ctx context.Context, ps []publication) ([]error, error) {
-	type call struct {
-		i     int
-		topic string
-		cmd   *redis.Cmd
-	}
-	var calls []call
+	cmds := make([]*redis.Cmd, len(ps))
 	pipe := b.rdb.Pipeline()
 	for i, p := range ps {
-		for _, topic := range p.topics {
-			calls = append(calls, call{i, topic, publish.EvalSha(ctx, pipe, []string{b.StreamKey(topic)}, b.args(p, topic)...)})
+		if len(p.topics) > 0 {
+			keys, args := b.script(p)
+			cmds[i] = publish.EvalSha(ctx, pipe, keys, args...)
 		}
 	}
 	_, _ = pipe.Exec(ctx) // each command holds its own error
 	errs := make([]error, len(ps))
-	var again []call
-	for _, c := range calls {
-		switch err := c.cmd.Err(); {
+	var again []int
+	for i, c := range cmds {
+		switch err := cmdErr(c); {
 		case redis.HasErrorPrefix(err, "NOSCRIPT"):
-			again = append(again, c)
-		case err != nil && errs[c.i] == nil:
-			errs[c.i] = err
+			again = append(again, i)
+		case err != nil:
+			errs[i] = err
 		}
 	}
 	if len(again) > 0 {
 		pipe = b.rdb.Pipeline()
-		for k, c := range again {
-			again[k].cmd = publish.Eval(ctx, pipe, []string{b.StreamKey(c.topic)}, b.args(ps[c.i], c.topic)...)
+		for _, i := range again {
+			keys, args := b.script(ps[i])
+			cmds[i] = publish.Eval(ctx, pipe, keys, args...)
 		}
 		_, _ = pipe.Exec(ctx)
-		for _, c := range again {
-			if err := c.cmd.Err(); err != nil && errs[c.i] == nil {
-				errs[c.i] = err
-			}
+		for _, i := range again {
+			errs[i] = cmdErr(cmds[i])
 		}
 	}
 	return errs, nil
 }
 
-// args are the publish script's arguments for p on topic.
-func (b *Bus) args(p publication, topic string) []any {
-	return []any{b.maxLen, b.ttl.Milliseconds(), b.Channel(topic), p.typ, topic, string(p.data)}
+func cmdErr(c *redis.Cmd) error {
+	if c == nil {
+		return nil
+	}
+	return c.Err()
+}
+
+// script is the publish script's keys and arguments for p.
+func (b *Bus) script(p publication) (keys []string, args []any) {
+	keys = make([]string, len(p.topics))
+	args = make([]any, 4, 4+2*len(p.topics))
+	args[0], args[1], args[2], args[3] = b.maxLen, b.ttl.Milliseconds(), p.typ, string(p.data)
+	for i, topic := range p.topics {
+		keys[i] = b.StreamKey(topic)
+		args = append(args, b.Channel(topic))
+	}
+	for _, topic := range p.topics {
+		args = append(args, topic)
+	}
+	return keys, args
 }
 
 // Since returns the events of topic after the id since ("" or "0": from the

@@ -177,6 +177,51 @@ func TestPublishIsLiveInStreamOrder(t *testing.T) {
 	}
 }
 
+// An event on several topics goes live on each, naming that topic and
+// carrying that topic's stream id.
+func TestPublishToSeveralTopicsIsLiveOnEach(t *testing.T) {
+	t.Parallel()
+	rdb, prefix := testenv.Redis(t)
+	b := events.NewBus(rdb, prefix, 1000)
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	topics := []string{events.CommandTopic("c9"), events.AgentTopic("a9"), events.UserTopic("u9")}
+	sub := rdb.Subscribe(ctx, b.Channel(topics[0]), b.Channel(topics[1]), b.Channel(topics[2]))
+	defer sub.Close()
+	for range topics {
+		if _, err := sub.Receive(ctx); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := b.Publish(ctx, "command.running", map[string]string{"id": "c9"}, topics...); err != nil {
+		t.Fatal(err)
+	}
+	got := map[string]events.Event{}
+	for range topics {
+		msg, err := sub.ReceiveMessage(ctx)
+		if err != nil {
+			t.Fatal(err)
+		}
+		var e events.Event
+		if err := json.Unmarshal([]byte(msg.Payload), &e); err != nil {
+			t.Fatalf("live payload is not an event: %s", msg.Payload)
+		}
+		if msg.Channel != b.Channel(e.Topic) {
+			t.Fatalf("an event naming topic %s came on %s", e.Topic, msg.Channel)
+		}
+		got[e.Topic] = e
+	}
+	for _, topic := range topics {
+		stored, err := b.Since(ctx, topic, "", 10)
+		if err != nil || len(stored) != 1 {
+			t.Fatalf("%s: want one stored event, got %v (%v)", topic, stored, err)
+		}
+		if e := got[topic]; e.Type != "command.running" || e.ID != stored[0].ID || string(e.Data) != `{"id":"c9"}` {
+			t.Fatalf("%s: live %+v, stored %+v", topic, e, stored[0])
+		}
+	}
+}
+
 func TestStreamIsBounded(t *testing.T) {
 	t.Parallel()
 	rdb, prefix := testenv.Redis(t)
