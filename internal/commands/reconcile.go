@@ -123,8 +123,12 @@ func (r *Reconciler) Pass(ctx context.Context) (Repairs, error) {
 		if rep.Swept, err = d.Store.Sweep(ctx, r.Retention); err != nil {
 			return rep, err
 		}
-		if err := d.Store.FixAgentStatuses(ctx); err != nil {
+		fixed, err := d.Store.FixAgentStatuses(ctx)
+		if err != nil {
 			return rep, err
+		}
+		for _, id := range fixed {
+			d.agentChanged(ctx, id)
 		}
 	}
 	if r.Metrics != nil {

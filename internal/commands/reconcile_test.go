@@ -260,3 +260,25 @@ func TestDispatchAdmitsAfterTheCallerLeft(t *testing.T) {
 		t.Fatal("want the command admitted and queued though its caller left")
 	}
 }
+
+// A status a crash left wrong is put right, and the cached copy of the
+// agent is told (it would show the wrong status until it expired).
+func TestReconcilerFixesAgentStatuses(t *testing.T) {
+	t.Parallel()
+	f := newFixture(t, Limits{100, 100})
+	d := f.dispatcher()
+	var told []string
+	d.AgentChanged = func(_ context.Context, id string) { told = append(told, id) }
+	rec := f.reconciler(d)
+	stuck, fine := f.newAgent(f.org, nil), f.newAgent(f.org, nil)
+	f.exec(`UPDATE agents SET status = 'busy' WHERE id = $1`, stuck)
+	if _, err := rec.Pass(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	if got := f.agentStatus(stuck); got != "idle" {
+		t.Fatalf("an agent busy with nothing running: want idle, got %s", got)
+	}
+	if f.agentStatus(fine) != "idle" || len(told) != 1 || told[0] != stuck {
+		t.Fatalf("want only the fixed agent told, got %v", told)
+	}
+}

@@ -668,15 +668,19 @@ func (s *Store) Sweep(ctx context.Context, retention time.Duration) (int64, erro
 	return res.RowsAffected()
 }
 
-// Healthy agents: statuses left wrong by a crash are recomputed.
-func (s *Store) FixAgentStatuses(ctx context.Context) error {
-	_, err := s.DB.ExecContext(ctx, `UPDATE agents a SET status = CASE
+// FixAgentStatuses recomputes the statuses a crash left wrong (busy with
+// nothing running, idle with a command running) and returns the agents it
+// changed.
+func (s *Store) FixAgentStatuses(ctx context.Context) ([]string, error) {
+	var ids []string
+	err := s.DB.SelectContext(ctx, &ids, `UPDATE agents a SET status = CASE
 			WHEN EXISTS (SELECT 1 FROM commands c WHERE c.agent_id = a.id AND c.status = 'running') THEN 'busy'
 			WHEN a.status = 'busy' THEN 'idle' ELSE a.status END
 		WHERE a.status <> 'disabled' AND a.status <> CASE
 			WHEN EXISTS (SELECT 1 FROM commands c WHERE c.agent_id = a.id AND c.status = 'running') THEN 'busy'
-			WHEN a.status = 'busy' THEN 'idle' ELSE a.status END`)
-	return err
+			WHEN a.status = 'busy' THEN 'idle' ELSE a.status END
+		RETURNING a.id`)
+	return ids, err
 }
 
 // InFlight counts admitted commands per organization (for metrics).
