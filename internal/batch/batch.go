@@ -99,7 +99,7 @@ func (b *Batcher[T, R]) lead(c *batchCall[T, R]) {
 		}
 		calls := b.take()
 		if calls == nil {
-			return // cannot be: c is pending
+			return // another lane's batch took c: it will tell it
 		}
 		b.runCalls(calls)
 	}
@@ -173,6 +173,21 @@ func (b *Batcher[T, R]) runCalls(calls []*batchCall[T, R]) {
 		}
 		close(c.done)
 	}
+}
+
+// Align puts the rows a batch's statement returned in the order of the
+// calls: out[i] is the row whose key is keys[i], or the zero R if there is
+// none (a call the statement skipped). A run returns its results so.
+func Align[R any, K comparable](rows []R, key func(R) K, keys []K) []R {
+	byKey := make(map[K]R, len(rows))
+	for _, r := range rows {
+		byKey[key(r)] = r
+	}
+	out := make([]R, len(keys))
+	for i, k := range keys {
+		out[i] = byKey[k]
+	}
+	return out
 }
 
 // runWithRetry runs a batch, again if PostgreSQL chose it as a deadlock's

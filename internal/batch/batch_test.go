@@ -196,3 +196,14 @@ func TestBatcherDoesNotSplitOutages(t *testing.T) {
 		t.Fatalf("want at most 2 runs (never one per call), got %d", n)
 	}
 }
+
+// A statement's rows come back in the order of the calls, a call it
+// skipped getting nothing, whatever order the rows came in.
+func TestAlign(t *testing.T) {
+	type row struct{ id string }
+	rows := []*row{{"c"}, {"a"}}
+	got := Align(rows, func(r *row) string { return r.id }, []string{"a", "b", "c"})
+	if len(got) != 3 || got[0] != rows[1] || got[1] != nil || got[2] != rows[0] {
+		t.Fatalf("want a, nothing, c; got %v", got)
+	}
+}

@@ -305,11 +305,11 @@ func prepare(ctx context.Context, bin string) (*benchEnv, func(), error) {
 			"AGENTRY_CACHE="+strconv.FormatBool(cache))
 		return api
 	}
-	if env.api, err = startReady(ctx, apiCmd(false)); err != nil {
+	if env.api, err = benchkit.StartReady(ctx, apiCmd(false)); err != nil {
 		cleanup()
 		return nil, nil, err
 	}
-	if env.cached, err = startReady(ctx, apiCmd(true)); err != nil {
+	if env.cached, err = benchkit.StartReady(ctx, apiCmd(true)); err != nil {
 		env.api.Stop()
 		cleanup()
 		return nil, nil, err
@@ -335,19 +335,6 @@ func prepare(ctx context.Context, bin string) (*benchEnv, func(), error) {
 		return nil, nil, err
 	}
 	return env, stopAll, nil
-}
-
-// startReady starts an api and waits until it is ready.
-func startReady(ctx context.Context, cmd *exec.Cmd) (*benchkit.Proc, error) {
-	p, err := benchkit.Start(ctx, cmd)
-	if err != nil {
-		return nil, err
-	}
-	if err := p.WaitReady(ctx, 30*time.Second); err != nil {
-		p.Stop()
-		return nil, err
-	}
-	return p, nil
 }
 
 // warmUp reads every path of ids once, 16 at a time.

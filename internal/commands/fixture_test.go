@@ -162,15 +162,6 @@ func (f *fixture) dispatcher() *Dispatcher {
 	rdb, prefix := testenv.Redis(f.t)
 	f.rdb = rdb
 	client := asynq.NewClientFromRedisClient(rdb)
-	// Asynq's keys are not under the prefix: remove them too.
-	f.t.Cleanup(func() {
-		ctx := context.Background()
-		keys, _ := rdb.Keys(ctx, "asynq:{"+QueueName(prefix)+"}*").Result()
-		if len(keys) > 0 {
-			rdb.Del(ctx, keys...)
-		}
-		rdb.SRem(ctx, "asynq:queues", QueueName(prefix))
-	})
 	return &Dispatcher{
 		Store:  f.store,
 		Queue:  NewQueue(client, prefix),

@@ -211,15 +211,7 @@ func (s *Store) InsertMany(ctx context.Context, cs []*platform.Command, admit bo
 	if err != nil {
 		return nil, sqlq.MapError(err, "command not found")
 	}
-	byID := make(map[string]*platform.Command, len(rows))
-	for _, c := range rows {
-		byID[c.ID] = c
-	}
-	out := make([]*platform.Command, n)
-	for i, c := range cs {
-		out[i] = byID[c.ID]
-	}
-	return out, nil
+	return batch.Align(rows, func(c *platform.Command) string { return c.ID }, ids), nil
 }
 
 func nullString(p *string) sql.NullString {
@@ -292,9 +284,9 @@ type Attempt struct {
 func (s *Store) ClaimMany(ctx context.Context, attempts []Attempt, worker string, lease time.Duration) ([]*Claimed, error) {
 	out := make([]*Claimed, len(attempts))
 	for _, round := range rounds(len(attempts), func(i int) string { return attempts[i].ID }) {
-		ids, nums := make([]string, len(round)), make([]int64, len(round))
+		ids, nums, want := make([]string, len(round)), make([]int64, len(round)), make([]Attempt, len(round))
 		for k, i := range round {
-			ids[k], nums[k] = attempts[i].ID, int64(attempts[i].Attempt)
+			ids[k], nums[k], want[k] = attempts[i].ID, int64(attempts[i].Attempt), attempts[i]
 		}
 		var rows []*Claimed
 		// Fences each attempt: only a queued command at attempt-1 becomes
@@ -325,14 +317,8 @@ func (s *Store) ClaimMany(ctx context.Context, attempts []Attempt, worker string
 		if err != nil {
 			return nil, err
 		}
-		byID := make(map[string]*Claimed, len(rows))
-		for _, c := range rows {
-			byID[c.ID] = c
-		}
-		for _, i := range round {
-			if c := byID[attempts[i].ID]; c != nil && c.Attempt == attempts[i].Attempt {
-				out[i] = c
-			}
+		for k, c := range batch.Align(rows, func(c *Claimed) Attempt { return Attempt{c.ID, c.Attempt} }, want) {
+			out[round[k]] = c
 		}
 	}
 	return out, nil
@@ -432,13 +418,13 @@ func (s *Store) FinishMany(ctx context.Context, endings []Ending) ([]*Finished, 
 	out := make([]*Finished, len(endings))
 	for _, round := range rounds(len(endings), func(i int) string { return endings[i].ID }) {
 		n := len(round)
-		ids, nums, failed := make([]string, n), make([]int64, n), make([]int64, n)
+		ids, nums, failed, want := make([]string, n), make([]int64, n), make([]int64, n), make([]Attempt, n)
 		status, event := make([]string, n), make([]string, n)
 		result, errs, notBefore, progress, message := make([]sql.NullString, n), make([]sql.NullString, n), make([]sql.NullString, n), make([]sql.NullString, n), make([]sql.NullString, n)
 		for k, i := range round {
 			e := endings[i]
 			o := e.Outcome
-			ids[k], nums[k], status[k], event[k] = e.ID, int64(e.Attempt.Attempt), o.Status, o.Event
+			ids[k], nums[k], status[k], event[k], want[k] = e.ID, int64(e.Attempt.Attempt), o.Status, o.Event, e.Attempt
 			if o.Failed {
 				failed[k] = 1
 			}
@@ -489,14 +475,8 @@ func (s *Store) FinishMany(ctx context.Context, endings []Ending) ([]*Finished, 
 		if err != nil {
 			return nil, err
 		}
-		byID := make(map[string]*Finished, len(rows))
-		for _, c := range rows {
-			byID[c.ID] = c
-		}
-		for _, i := range round {
-			if c := byID[endings[i].ID]; c != nil && c.Attempt == endings[i].Attempt.Attempt {
-				out[i] = c
-			}
+		for k, c := range batch.Align(rows, func(c *Finished) Attempt { return Attempt{c.ID, c.Attempt} }, want) {
+			out[round[k]] = c
 		}
 	}
 	return out, nil
@@ -673,12 +653,12 @@ func (s *Store) Sweep(ctx context.Context, retention time.Duration) (int64, erro
 // changed.
 func (s *Store) FixAgentStatuses(ctx context.Context) ([]string, error) {
 	var ids []string
-	err := s.DB.SelectContext(ctx, &ids, `UPDATE agents a SET status = CASE
-			WHEN EXISTS (SELECT 1 FROM commands c WHERE c.agent_id = a.id AND c.status = 'running') THEN 'busy'
-			WHEN a.status = 'busy' THEN 'idle' ELSE a.status END
-		WHERE a.status <> 'disabled' AND a.status <> CASE
-			WHEN EXISTS (SELECT 1 FROM commands c WHERE c.agent_id = a.id AND c.status = 'running') THEN 'busy'
-			WHEN a.status = 'busy' THEN 'idle' ELSE a.status END
+	err := s.DB.SelectContext(ctx, &ids, `UPDATE agents a SET status = s.status
+		FROM (SELECT g.id, CASE
+				WHEN EXISTS (SELECT 1 FROM commands c WHERE c.agent_id = g.id AND c.status = 'running') THEN 'busy'
+				WHEN g.status = 'busy' THEN 'idle' ELSE g.status END AS status
+			FROM agents g WHERE g.status <> 'disabled') s
+		WHERE a.id = s.id AND a.status <> s.status
 		RETURNING a.id`)
 	return ids, err
 }

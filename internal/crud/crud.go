@@ -381,18 +381,7 @@ func (h *Handle[T]) notFound() string { return strings.ToLower(h.scope.Type) + "
 // (ENOTFOUND if it may not see it, EFORBIDDEN if it may see but not act).
 // It is how custom routes load a resource.
 func (h *Handle[T]) Get(ctx context.Context, id, action string) (*T, *platform.Principal, error) {
-	p, err := h.reg.Guard.Caller(ctx)
-	if err != nil {
-		return nil, nil, err
-	}
-	if h.cached && h.reg.Cache != nil {
-		row, err := h.loadCached(ctx, p, id, action, true)
-		if !errors.Is(err, errNoCache) {
-			return row, p, err
-		}
-	}
-	row, err := h.load(ctx, nil, p, id, action, false)
-	return row, p, err
+	return h.get(ctx, id, action, true)
 }
 
 // GetDefinition is Get for a caller that needs the row's definition and
@@ -401,12 +390,18 @@ func (h *Handle[T]) Get(ctx context.Context, id, action string) (*T, *platform.P
 // to an agent reads it so: its status flips with every command it runs,
 // which would leave Get's cached copy mostly stale.
 func (h *Handle[T]) GetDefinition(ctx context.Context, id, action string) (*T, *platform.Principal, error) {
+	return h.get(ctx, id, action, false)
+}
+
+// get is Get, through the cache if the resource is cached (with its latest
+// state fields if state).
+func (h *Handle[T]) get(ctx context.Context, id, action string, state bool) (*T, *platform.Principal, error) {
 	p, err := h.reg.Guard.Caller(ctx)
 	if err != nil {
 		return nil, nil, err
 	}
 	if h.cached && h.reg.Cache != nil {
-		row, err := h.loadCached(ctx, p, id, action, false)
+		row, err := h.loadCached(ctx, p, id, action, state)
 		if !errors.Is(err, errNoCache) {
 			return row, p, err
 		}

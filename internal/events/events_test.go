@@ -9,6 +9,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/redis/go-redis/v9"
+
 	"github.com/agentry/agentry/internal/events"
 	"github.com/agentry/agentry/internal/testenv"
 )
@@ -163,18 +165,25 @@ func TestPublishIsLiveInStreamOrder(t *testing.T) {
 	const n = 50
 	ids := publishN(t, b, topic, n)
 	for i := range n {
-		msg, err := sub.ReceiveMessage(ctx)
-		if err != nil {
-			t.Fatal(err)
-		}
-		var e events.Event
-		if err := json.Unmarshal([]byte(msg.Payload), &e); err != nil {
-			t.Fatalf("live payload is not an event: %s", msg.Payload)
-		}
+		e, _ := receive(ctx, t, sub)
 		if e.ID != ids[i] || e.Topic != topic || e.Type != "n" || seqOf(t, []events.Event{e})[0] != i {
 			t.Fatalf("live event %d: want id %s (the stream's), got %+v", i, ids[i], e)
 		}
 	}
+}
+
+// receive returns the next live event on sub and the channel it came on.
+func receive(ctx context.Context, t *testing.T, sub *redis.PubSub) (events.Event, string) {
+	t.Helper()
+	msg, err := sub.ReceiveMessage(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var e events.Event
+	if err := json.Unmarshal([]byte(msg.Payload), &e); err != nil {
+		t.Fatalf("live payload is not an event: %s", msg.Payload)
+	}
+	return e, msg.Channel
 }
 
 // An event on several topics goes live on each, naming that topic and
@@ -198,16 +207,9 @@ func TestPublishToSeveralTopicsIsLiveOnEach(t *testing.T) {
 	}
 	got := map[string]events.Event{}
 	for range topics {
-		msg, err := sub.ReceiveMessage(ctx)
-		if err != nil {
-			t.Fatal(err)
-		}
-		var e events.Event
-		if err := json.Unmarshal([]byte(msg.Payload), &e); err != nil {
-			t.Fatalf("live payload is not an event: %s", msg.Payload)
-		}
-		if msg.Channel != b.Channel(e.Topic) {
-			t.Fatalf("an event naming topic %s came on %s", e.Topic, msg.Channel)
+		e, channel := receive(ctx, t, sub)
+		if channel != b.Channel(e.Topic) {
+			t.Fatalf("an event naming topic %s came on %s", e.Topic, channel)
 		}
 		got[e.Topic] = e
 	}

@@ -105,15 +105,7 @@ func (s *Service) store(ctx context.Context, ns []Notification) ([]*Notification
 	if err != nil {
 		return nil, err
 	}
-	byID := make(map[string]*Notification, len(rows))
-	for _, n := range rows {
-		byID[n.ID] = n
-	}
-	out := make([]*Notification, k)
-	for i, n := range ns {
-		out[i] = byID[n.ID]
-	}
-	return out, nil
+	return batch.Align(rows, func(n *Notification) string { return n.ID }, ids), nil
 }
 
 // CommandFinished notifies whoever dispatched a command of its end: the

@@ -138,14 +138,6 @@ func newFirerFixture(t *testing.T) *firerFixture {
 	t.Helper()
 	db := testenv.Postgres(t)
 	rdb, prefix := testenv.Redis(t)
-	t.Cleanup(func() {
-		ctx := context.Background()
-		keys, _ := rdb.Keys(ctx, "asynq:{"+commands.QueueName(prefix)+"}*").Result()
-		if len(keys) > 0 {
-			rdb.Del(ctx, keys...)
-		}
-		rdb.SRem(ctx, "asynq:queues", commands.QueueName(prefix))
-	})
 	f := &firerFixture{db: db, org: uuid.NewString(), user: uuid.NewString(), agent: uuid.NewString()}
 	role := uuid.NewString()
 	for _, q := range []struct {

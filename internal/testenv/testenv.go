@@ -105,7 +105,8 @@ func PostgresURL(t testing.TB) (*sqlx.DB, string) {
 	return db, dsn
 }
 
-// Redis returns a client and a key prefix of t's own; the prefix's keys are
+// Redis returns a client and a key prefix of t's own; the prefix's keys,
+// and those of the command queue named after it (commands.QueueName), are
 // deleted when t ends.
 func Redis(t testing.TB) (*redis.Client, string) {
 	t.Helper()

@@ -118,6 +118,20 @@ func (p *Proc) WaitReady(ctx context.Context, within time.Duration) error {
 	}
 }
 
+// StartReady is Start, then WaitReady within 30 s; a binary that does not
+// get ready is stopped.
+func StartReady(ctx context.Context, cmd *exec.Cmd) (*Proc, error) {
+	p, err := Start(ctx, cmd)
+	if err != nil {
+		return nil, err
+	}
+	if err := p.WaitReady(ctx, 30*time.Second); err != nil {
+		p.Stop()
+		return nil, err
+	}
+	return p, nil
+}
+
 // Pid is the binary's process id.
 func (p *Proc) Pid() int { return p.Cmd.Process.Pid }
 

@@ -742,15 +742,7 @@ func startProc(ctx context.Context, path string, settings map[string]string) (*b
 	for k, v := range settings {
 		cmd.Env = append(cmd.Env, k+"="+v)
 	}
-	p, err := benchkit.Start(ctx, cmd)
-	if err != nil {
-		return nil, err
-	}
-	if err := p.WaitReady(ctx, 30*time.Second); err != nil {
-		p.Stop()
-		return nil, err
-	}
-	return p, nil
+	return benchkit.StartReady(ctx, cmd)
 }
 
 func tail(s string) string {
