@@ -209,18 +209,23 @@ func (r *Runner) ProcessTask(ctx context.Context, t *asynq.Task) error {
 	}
 	// The claim started the command; telling the world is not on the way
 	// to its handler. Later events of the command wait for this one, so
-	// that they keep their order.
+	// that they keep their order: one goroutine publishes it, then does
+	// what follows the outcome once finish hands it over.
 	c.announced = make(chan struct{})
+	c.after = make(chan *afterward, 1)
 	running := c.Command // the handler's progress changes c as this goes
 	r.wg.Add(1)
 	go func() {
 		defer r.wg.Done()
-		defer close(c.announced)
 		actx := context.WithoutCancel(ctx)
 		if c.AgentChanged {
 			r.Dispatcher.agentChanged(actx, c.AgentID)
 		}
 		publishCommand(actx, r.Dispatcher.Events, r.Logger, "command.running", &running)
+		close(c.announced)
+		if a := <-c.after; a != nil {
+			r.followUp(actx, c, a.done, a.outcome, a.ran)
+		}
 	}()
 	if c.OrgFull {
 		r.wg.Add(1)
@@ -337,9 +342,20 @@ func cleanError(err error) string {
 	return msg
 }
 
+// afterward is a recorded outcome, for what follows it (see followUp).
+type afterward struct {
+	done    *Finished
+	outcome Outcome
+	ran     time.Duration
+}
+
 // finish records the outcome (retrying while Postgres is unreachable),
 // publishes it, re-enqueues a retry and admits the agent's next command.
+// It hands the command's goroutine what follows the outcome (nil when it
+// was not recorded), once.
 func (r *Runner) finish(ctx context.Context, c *Claimed, o Outcome, ran time.Duration) {
+	var next *afterward
+	defer func() { c.after <- next }()
 	wctx := context.WithoutCancel(ctx)
 	var done *Finished
 	err := retryDB(wctx, 30*time.Second, func() error {
@@ -371,18 +387,13 @@ func (r *Runner) finish(ctx context.Context, c *Claimed, o Outcome, ran time.Dur
 	}
 	// The outcome is recorded: free the queue's worker slot for the next
 	// command now, and tell the world in the background (Stop waits).
-	r.wg.Add(1)
-	go func() {
-		defer r.wg.Done()
-		r.followUp(wctx, c, done, o, ran)
-	}()
+	next = &afterward{done: done, outcome: o, ran: ran}
 }
 
 // followUp does what follows a recorded outcome: metrics, the event, and
 // for a command that ended, the notification and the admission of what
 // waited for the slots it freed.
 func (r *Runner) followUp(wctx context.Context, c *Claimed, done *Finished, o Outcome, ran time.Duration) {
-	<-c.announced
 	if r.Metrics != nil {
 		switch o.Event {
 		case "retrying":
@@ -477,15 +488,17 @@ type reporter struct {
 	dirty     bool
 	lines     []string
 	dropped   int
-	stop      chan struct{}
-	done      chan struct{}
+	// started tells that the loop runs: it starts at the first report, so
+	// a handler that reports nothing costs no goroutine nor timer.
+	started bool
+	closed  bool
+	stop    chan struct{}
+	done    chan struct{}
 }
 
 func (r *Runner) newReporter(ctx context.Context, c *platform.Command, announced <-chan struct{}) *reporter {
-	rep := &reporter{r: r, ctx: context.WithoutCancel(ctx), cmd: c, percent: c.Progress, announced: announced,
+	return &reporter{r: r, ctx: context.WithoutCancel(ctx), cmd: c, percent: c.Progress, announced: announced,
 		stop: make(chan struct{}), done: make(chan struct{})}
-	go rep.loop()
-	return rep
 }
 
 func (rep *reporter) Report(percent int, message string) {
@@ -495,6 +508,7 @@ func (rep *reporter) Report(percent int, message string) {
 	}
 	rep.mu.Lock()
 	rep.percent, rep.message, rep.dirty = percent, message, true
+	rep.startLocked()
 	rep.mu.Unlock()
 }
 
@@ -508,7 +522,18 @@ func (rep *reporter) Log(line string) {
 	} else {
 		rep.dropped++
 	}
+	rep.startLocked()
 	rep.mu.Unlock()
+}
+
+// startLocked starts the loop that writes the reports, once, unless the
+// reporter is closed (a handler's stray goroutine may report after it
+// returned: close then takes what it left). rep.mu is held.
+func (rep *reporter) startLocked() {
+	if !rep.started && !rep.closed {
+		rep.started = true
+		go rep.loop()
+	}
 }
 
 func (rep *reporter) loop() {
@@ -530,8 +555,14 @@ func (rep *reporter) loop() {
 // progress; a progress report alone is returned (pending true) for the
 // outcome to record, instead of a write of its own.
 func (rep *reporter) close() (percent int, message string, pending bool) {
-	close(rep.stop)
-	<-rep.done
+	rep.mu.Lock()
+	rep.closed = true
+	started := rep.started
+	rep.mu.Unlock()
+	if started {
+		close(rep.stop)
+		<-rep.done
+	}
 	rep.mu.Lock()
 	defer rep.mu.Unlock()
 	return rep.percent, rep.message, rep.dirty

@@ -358,6 +358,9 @@ type Claimed struct {
 
 	// announced is closed once the running event is published.
 	announced chan struct{}
+	// after takes the recorded outcome to the goroutine that published the
+	// running event (see Runner.finish).
+	after chan *afterward
 }
 
 // orgQueuedFull tells whether the organization's queue was full ($5 its
