@@ -7,6 +7,8 @@ import (
 	"errors"
 	"reflect"
 
+	"github.com/google/uuid"
+
 	"github.com/agentry/agentry/internal/platform"
 	"github.com/agentry/agentry/internal/sqlq"
 )
@@ -33,6 +35,10 @@ type cachedRow[T any] struct {
 // with state false, the copy need not have the latest state fields (see
 // GetDefinition), and is cached apart.
 func (h *Handle[T]) loadCached(ctx context.Context, p *platform.Principal, id, action string, state bool) (*T, error) {
+	// Every spelling of an id shares the entry that writes make stale.
+	if u, err := uuid.Parse(id); err == nil {
+		id = u.String()
+	}
 	deps := []string{ResourceDep(h.scope.Type, id), TypeDep(p.OrgID, h.scope.Type)}
 	key := "row:" + h.scope.Type + ":" + id
 	if h.state {

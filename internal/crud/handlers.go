@@ -6,7 +6,9 @@ import (
 	"encoding/json"
 	"mime"
 	"net/http"
+	"net/url"
 	"reflect"
+	"slices"
 	"strings"
 
 	"github.com/danielgtaylor/huma/v2"
@@ -469,7 +471,28 @@ func (r *resource[T, In]) deleteRow(ctx context.Context, tx *sqlx.Tx, row *T) er
 	return r.afterWrite(ctx, tx, OpDelete, row)
 }
 
-func (r *resource[T, In]) clear(ctx context.Context, _ *struct{}) (*clearOutput, error) {
+// clearInput keeps the raw query of a collection's DELETE, which takes no
+// parameters: a filter it ignored would delete what it meant to keep.
+type clearInput struct {
+	query url.Values
+}
+
+// Resolve captures the raw query string.
+func (c *clearInput) Resolve(ctx huma.Context) []error {
+	u := ctx.URL()
+	c.query = u.Query()
+	return nil
+}
+
+func (r *resource[T, In]) clear(ctx context.Context, in *clearInput) (*clearOutput, error) {
+	if len(in.query) > 0 {
+		var bad []platform.FieldError
+		for name := range in.query {
+			bad = append(bad, platform.FieldError{Field: "query." + name, Message: "deleting all takes no parameters; delete items one by one to choose them"})
+		}
+		slices.SortFunc(bad, func(a, b platform.FieldError) int { return strings.Compare(a.Field, b.Field) })
+		return nil, platform.Invalid("this deletes every item and takes no filters", bad...)
+	}
 	p, err := r.reg.Guard.Caller(ctx)
 	if err != nil {
 		return nil, err

@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"net/url"
 	"reflect"
+	"slices"
 	"sort"
 	"strconv"
 	"strings"
@@ -23,7 +24,7 @@ import (
 // kept so a resource's filters, which vary per resource, can be read and
 // unknown parameters refused.
 type ListInput struct {
-	Page      int    `query:"page" minimum:"1" default:"1" doc:"Page number, from 1."`
+	Page      int    `query:"page" minimum:"1" maximum:"100000" default:"1" doc:"Page number, from 1 (at most 100000; page deeper with the cursor)."`
 	PageSize  int    `query:"page_size" minimum:"1" maximum:"100" default:"20" doc:"Items per page, 1 to 100."`
 	Sort      string `query:"sort" doc:"Sort field; prefix with - for descending."`
 	Cursor    string `query:"cursor" doc:"Opaque cursor from a previous page's next_cursor; replaces page."`
@@ -111,6 +112,9 @@ func (r *resource[T, In]) filterParams() []*huma.Param {
 			s.Type = "boolean"
 		case t.Kind() == reflect.Int || t.Kind() == reflect.Int64 || t.Kind() == reflect.Int32:
 			s.Type = "integer"
+		}
+		for _, v := range f.col.enum {
+			s.Enum = append(s.Enum, v)
 		}
 		doc := f.Doc
 		if doc == "" {
@@ -237,6 +241,11 @@ func parseFilterValue(f filterSpec, raw string) (any, error) {
 			return nil, bad("an integer")
 		}
 		return n, nil
+	case len(f.col.enum) > 0:
+		if !slices.Contains(f.col.enum, raw) {
+			return nil, bad("one of " + strings.Join(f.col.enum, ", "))
+		}
+		return raw, nil
 	case t.Kind() == reflect.String:
 		if len(raw) > 1024 {
 			return nil, bad("at most 1024 bytes")

@@ -15,7 +15,8 @@ type column struct {
 	json  string // JSON name, "" when the field is not serialised
 	index []int  // field index path from the model's root
 	typ   reflect.Type
-	uuid  bool // the field carries format:"uuid"
+	uuid  bool     // the field carries format:"uuid"
+	enum  []string // the values its enum tag allows, if it has one
 }
 
 // model is what the framework knows of a row type, computed once at
@@ -64,6 +65,9 @@ func (m *model) walk(t reflect.Type, prefix []int) {
 			continue
 		}
 		c := &column{name: name, index: index, typ: f.Type, json: jsonName(f), uuid: f.Tag.Get("format") == "uuid"}
+		if e := f.Tag.Get("enum"); e != "" {
+			c.enum = strings.Split(e, ",")
+		}
 		m.cols = append(m.cols, c)
 		m.byName[name] = c
 		if c.json != "" {

@@ -27,7 +27,7 @@ type Keys interface {
 type createKeyInput struct {
 	Body struct {
 		Name        string     `json:"name" minLength:"1" maxLength:"100"`
-		Permissions []string   `json:"permissions,omitempty" maxItems:"200" doc:"The key's scope, each no wider than the caller's own permissions; the caller's permissions when absent."`
+		Permissions []string   `json:"permissions,omitempty" minItems:"1" maxItems:"200" doc:"The key's scope, each no wider than the caller's own permissions; the caller's permissions when absent (an empty list is refused: such a key could do nothing)."`
 		AgentID     string     `json:"agent_id,omitempty" format:"uuid" doc:"Make the key authenticate as this agent (needs Agent.update on it) instead of as the caller."`
 		ExpiresAt   *time.Time `json:"expires_at,omitempty" doc:"When the key stops working; never when absent."`
 	}
@@ -134,7 +134,10 @@ func (s *Server) keyRoutes(d Deps, agents AgentLoader) {
 
 // keyScope checks a requested scope against the creator's permissions.
 func keyScope(p *platform.Principal, requested []string) (platform.JSONList, error) {
-	if len(requested) == 0 {
+	if requested != nil && len(requested) == 0 {
+		return nil, platform.Invalid("invalid key scope", platform.FieldError{Field: "body.permissions", Message: "list at least one permission, or leave it out for your own"})
+	}
+	if requested == nil {
 		out := platform.JSONList{}
 		for _, perm := range p.Permissions {
 			out = append(out, perm.String())
@@ -256,7 +259,7 @@ func (s *Server) aclRoutes(d Deps) {
 }
 
 type auditInput struct {
-	Page     int       `query:"page" minimum:"1" default:"1"`
+	Page     int       `query:"page" minimum:"1" maximum:"100000" default:"1"`
 	PageSize int       `query:"page_size" minimum:"1" maximum:"100" default:"50"`
 	Action   string    `query:"action" maxLength:"100" doc:"Only this action (login, acl.grant, Agent.read, …)."`
 	Outcome  string    `query:"outcome" enum:"ok,denied,failed" doc:"Only this outcome."`

@@ -62,7 +62,7 @@ type taskView struct {
 
 type tasksListInput struct {
 	State    string `query:"state" enum:"pending,active,scheduled,retry,archived" default:"pending"`
-	Page     int    `query:"page" minimum:"1" default:"1"`
+	Page     int    `query:"page" minimum:"1" maximum:"100000" default:"1"`
 	PageSize int    `query:"page_size" minimum:"1" maximum:"100" default:"20"`
 }
 

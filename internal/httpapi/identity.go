@@ -167,11 +167,11 @@ func (s *Server) authRoutes(d Deps) {
 		})
 
 	huma.Register(s.API, s.op(http.MethodPatch, "/v1/users/me", "update-me", "Users", "Update my account",
-		"Changes the caller's name or default organization.", http.StatusOK, true),
+		"Changes the caller's name or default organization. Not with an API key.", http.StatusOK, true, http.StatusForbidden),
 		func(ctx context.Context, in *updateMeInput) (*userOutput, error) {
 			p := caller(ctx)
-			if p.Kind != platform.KindUser {
-				return nil, platform.Errorf(platform.EFORBIDDEN, "only users have an account")
+			if p.Kind != platform.KindUser || p.KeyID != "" {
+				return nil, platform.Errorf(platform.EFORBIDDEN, "only users logged in may change their account")
 			}
 			u, err := d.Identity.UpdateUser(ctx, p.ID, in.Body.Name, in.Body.DefaultOrgID)
 			if err != nil {
@@ -192,7 +192,7 @@ func (s *Server) authRoutes(d Deps) {
 }
 
 type listUsersInput struct {
-	Page     int    `query:"page" minimum:"1" default:"1"`
+	Page     int    `query:"page" minimum:"1" maximum:"100000" default:"1"`
 	PageSize int    `query:"page_size" minimum:"1" maximum:"100" default:"20"`
 	Email    string `query:"email" maxLength:"254" doc:"Only users whose email contains this."`
 }
@@ -421,6 +421,15 @@ func (s *Server) orgRoutes(d Deps) {
 			d.Audit.Record(ctx, platform.AuditEvent{Action: "organization.delete", ResourceType: "Organization", ResourceID: &in.ID, Outcome: "ok"})
 			return nil, nil
 		})
+}
+
+// keyRequires refuses a request whose API key (if any) does not cover
+// action on typ.
+func keyRequires(p *platform.Principal, typ, action string) error {
+	if !keyAllows(p, typ, action) {
+		return platform.Errorf(platform.EFORBIDDEN, "this API key's scope does not include %s.%s", typ, action)
+	}
+	return nil
 }
 
 // keyAllows reports whether the API key a request came with (if any)

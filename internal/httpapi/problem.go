@@ -13,6 +13,7 @@ import (
 
 	"github.com/agentry/agentry/internal/crud"
 	"github.com/agentry/agentry/internal/platform"
+	"github.com/agentry/agentry/internal/sqlq"
 )
 
 // Problem is an RFC 9457 problem detail, the body of every error answer.
@@ -102,6 +103,10 @@ func problemFor(ctx context.Context, path string, err error) *Problem {
 		case perr.Err != nil:
 			loggerFrom(ctx).InfoContext(ctx, "request refused", "code", perr.Code, "err", err)
 		}
+	case sqlq.BadInput(err) != nil:
+		// Data the database refused (a NUL character, a malformed value)
+		// that no check caught first: the client's to fix.
+		return problemFor(ctx, path, sqlq.BadInput(err))
 	case unavailable(err) || errors.Is(err, context.DeadlineExceeded):
 		loggerFrom(ctx).WarnContext(ctx, "dependency unavailable", "err", err)
 		p = &Problem{Status: http.StatusServiceUnavailable, Code: platform.EUNAVAILABLE, Detail: "a dependency is unavailable; retry shortly", retryAfter: 2}

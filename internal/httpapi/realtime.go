@@ -194,7 +194,7 @@ type notificationOutput struct {
 }
 
 type listNotificationsInput struct {
-	Page       int  `query:"page" minimum:"1" default:"1"`
+	Page       int  `query:"page" minimum:"1" maximum:"100000" default:"1"`
 	PageSize   int  `query:"page_size" minimum:"1" maximum:"100" default:"20"`
 	UnreadOnly bool `query:"unread" doc:"Only unread notifications."`
 }
@@ -256,8 +256,11 @@ func (s *Server) notificationRoutes(d Deps) {
 			return &notificationOutput{Body: out}, nil
 		})
 	huma.Register(s.API, s.op(http.MethodGet, "/v1/notifications", "list-notifications", "Notifications", "My notifications",
-		"The caller's notifications, unread first, newest first.", http.StatusOK, true),
+		"The caller's notifications, unread first, newest first.", http.StatusOK, true, http.StatusForbidden),
 		func(ctx context.Context, in *listNotificationsInput) (*notificationsOutput, error) {
+			if err := keyRequires(caller(ctx), "Notification", "read"); err != nil {
+				return nil, err
+			}
 			items, total, unread, err := n.List(ctx, caller(ctx).ID, in.UnreadOnly, in.PageSize, (in.Page-1)*in.PageSize)
 			if err != nil {
 				return nil, err
@@ -267,8 +270,11 @@ func (s *Server) notificationRoutes(d Deps) {
 			return out, nil
 		})
 	huma.Register(s.API, s.op(http.MethodPost, "/v1/notifications/{id}/read", "read-notification", "Notifications", "Mark a notification read",
-		"Marks one of the caller's notifications read.", http.StatusOK, true, http.StatusNotFound),
+		"Marks one of the caller's notifications read.", http.StatusOK, true, http.StatusNotFound, http.StatusForbidden),
 		func(ctx context.Context, in *notificationIDInput) (*notificationOutput, error) {
+			if err := keyRequires(caller(ctx), "Notification", "update"); err != nil {
+				return nil, err
+			}
 			out, err := n.MarkRead(ctx, caller(ctx).ID, in.ID)
 			if err != nil {
 				return nil, err
@@ -276,24 +282,30 @@ func (s *Server) notificationRoutes(d Deps) {
 			return &notificationOutput{Body: out}, nil
 		})
 	huma.Register(s.API, s.op(http.MethodPost, "/v1/notifications/read-all", "read-all-notifications", "Notifications", "Mark all read",
-		"Marks every unread notification of the caller read.", http.StatusOK, true),
+		"Marks every unread notification of the caller read.", http.StatusOK, true, http.StatusForbidden),
 		func(ctx context.Context, _ *struct{}) (*readAllOutput, error) {
+			if err := keyRequires(caller(ctx), "Notification", "update"); err != nil {
+				return nil, err
+			}
 			marked, err := n.MarkAllRead(ctx, caller(ctx).ID)
 			out := &readAllOutput{}
 			out.Body.Marked = marked
 			return out, err
 		})
 	huma.Register(s.API, s.op(http.MethodGet, "/v1/users/me/notification-preferences", "get-notification-preferences", "Notifications", "My muted notification kinds",
-		"The kinds of notification the caller does not receive.", http.StatusOK, true),
+		"The kinds of notification the caller does not receive.", http.StatusOK, true, http.StatusForbidden),
 		func(ctx context.Context, _ *struct{}) (*mutedOutput, error) {
+			if err := keyRequires(caller(ctx), "Notification", "read"); err != nil {
+				return nil, err
+			}
 			muted, err := n.Muted(ctx, caller(ctx).ID)
 			return &mutedOutput{Body: mutedBody{Muted: muted}}, err
 		})
 	huma.Register(s.API, s.op(http.MethodPut, "/v1/users/me/notification-preferences", "set-notification-preferences", "Notifications", "Mute notification kinds",
-		"Replaces the kinds of notification the caller does not receive (e.g. [\"command.succeeded\"]).", http.StatusOK, true),
+		"Replaces the kinds of notification the caller does not receive (e.g. [\"command.succeeded\"]). Not with an API key.", http.StatusOK, true, http.StatusForbidden),
 		func(ctx context.Context, in *mutedInput) (*mutedOutput, error) {
-			if caller(ctx).Kind != platform.KindUser {
-				return nil, platform.Errorf(platform.EFORBIDDEN, "only users receive notifications")
+			if p := caller(ctx); p.Kind != platform.KindUser || p.KeyID != "" {
+				return nil, platform.Errorf(platform.EFORBIDDEN, "only users logged in may change their notification preferences")
 			}
 			if err := n.SetMuted(ctx, caller(ctx).ID, in.Body.Muted); err != nil {
 				return nil, err

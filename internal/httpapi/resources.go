@@ -66,10 +66,13 @@ type EnvironmentInput struct {
 	Description string              `json:"description,omitempty" maxLength:"1000"`
 	TemplateID  *string             `json:"template_id,omitempty" format:"uuid" doc:"Make the environment from this template (kind environment)."`
 	Params      platform.JSONObject `json:"params,omitempty" crud:"overrides" doc:"{\"variables\": {NAME: value}}, merged over the template's."`
-	Secrets     map[string]string   `json:"secrets,omitempty" crud:"-" maxProperties:"200" doc:"Write-only: set or replace secrets by name. They are stored encrypted and never shown again; delete one with DELETE …/secrets/{name}."`
+	Secrets     map[string]string   `json:"secrets,omitempty" crud:"-" maxProperties:"200" doc:"Write-only: set or replace secrets by name. They are stored encrypted and never shown again: a read shows *** for each, and *** written back keeps the secret as it is. Delete one with DELETE …/secrets/{name}."`
 }
 
 var secretName = regexp.MustCompile(`^[A-Za-z_][A-Za-z0-9_]{0,127}$`)
+
+// secretShown is what a read shows for each secret.
+const secretShown = "***"
 
 // Resources are the handles of the templated resource types.
 type Resources struct {
@@ -213,14 +216,20 @@ func (s *Server) resourceRoutes(d Deps) *Resources {
 
 	// Environments.
 	sealer := d.Sealer
+	// seal seals the secrets of in into e. The placeholder a read shows
+	// (***) keeps a secret as it is, so that what was read can be written
+	// back without overwriting every secret with it.
 	seal := func(e *platform.Environment, in map[string]string) error {
 		var bad []platform.FieldError
 		for name, value := range in {
+			_, exists := e.Secrets[name]
 			switch {
 			case !secretName.MatchString(name):
 				bad = append(bad, platform.FieldError{Field: "body.secrets." + name, Message: "names are letters, digits and underscores, not starting with a digit"})
 			case len(value) > 65536:
 				bad = append(bad, platform.FieldError{Field: "body.secrets." + name, Message: "at most 64 KiB"})
+			case value == secretShown && !exists:
+				bad = append(bad, platform.FieldError{Field: "body.secrets." + name, Message: secretShown + " keeps a secret's current value, and there is no secret " + name})
 			}
 		}
 		if len(bad) > 0 {
@@ -230,7 +239,9 @@ func (s *Server) resourceRoutes(d Deps) *Resources {
 			e.Secrets = platform.JSONObject{}
 		}
 		for name, value := range in {
-			e.Secrets[name] = sealer.Seal(e.ID, name, value)
+			if value != secretShown {
+				e.Secrets[name] = sealer.Seal(e.ID, name, value)
+			}
 		}
 		return nil
 	}
@@ -261,7 +272,7 @@ func (s *Server) resourceRoutes(d Deps) *Resources {
 		View: func(_ context.Context, e *platform.Environment) {
 			shown := platform.JSONObject{}
 			for name := range e.Secrets {
-				shown[name] = "***"
+				shown[name] = secretShown
 			}
 			e.Secrets = shown
 		},

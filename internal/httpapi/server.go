@@ -19,6 +19,7 @@ import (
 	"github.com/danielgtaylor/huma/v2"
 	"github.com/danielgtaylor/huma/v2/adapters/humagin"
 	"github.com/gin-gonic/gin"
+	"github.com/google/uuid"
 
 	"github.com/agentry/agentry/internal/metrics"
 	"github.com/agentry/agentry/internal/platform"
@@ -108,7 +109,7 @@ func New(opts Options) *Server {
 			Description: "An access token from POST /v1/auth/login, or an API key (`agk_…`)."},
 	}
 	s.API = humagin.New(engine, cfg)
-	s.API.UseMiddleware(s.authenticate)
+	s.API.UseMiddleware(canonicalIDs, s.authenticate)
 	s.platformRoutes()
 	return s
 }
@@ -246,4 +247,28 @@ func (s *Server) platformRoutes() {
 		Parameters: []*huma.Param{{Name: "file", In: "path", Required: true, Schema: &huma.Schema{Type: "string"}}},
 		Responses:  map[string]*huma.Response{"200": {Description: "The file"}},
 	})
+}
+
+// canonicalIDs puts the operation's UUID path parameters in canonical form
+// (lower case, hyphenated): every spelling of an id, which the format
+// accepts (upper case, in braces, after urn:uuid:, without hyphens), names
+// the same resource in the cache, the ACL and every check that compares
+// ids.
+func canonicalIDs(ctx huma.Context, next func(huma.Context)) {
+	if op := ctx.Operation(); op != nil {
+		params := humagin.Unwrap(ctx).Params
+		for _, p := range op.Parameters {
+			if p.In != "path" || p.Schema == nil || p.Schema.Format != "uuid" {
+				continue
+			}
+			for i := range params {
+				if params[i].Key == p.Name {
+					if u, err := uuid.Parse(params[i].Value); err == nil {
+						params[i].Value = u.String()
+					}
+				}
+			}
+		}
+	}
+	next(ctx)
 }

@@ -41,6 +41,12 @@ func Parse(expr, tz string) (cron.Schedule, *time.Location, error) {
 	if strings.HasPrefix(strings.TrimSpace(expr), "CRON_TZ=") || strings.HasPrefix(strings.TrimSpace(expr), "TZ=") {
 		return nil, nil, errors.New("give the time zone in timezone, not in the expression")
 	}
+	if d, ok := strings.CutPrefix(strings.TrimSpace(expr), "@every "); ok {
+		// The parser would make any of these every second, silently.
+		if every, err := time.ParseDuration(strings.TrimSpace(d)); err == nil && (every < time.Second || every%time.Second != 0) {
+			return nil, nil, fmt.Errorf("@every takes a whole number of seconds, at least 1s, such as @every 30s or @every 1h; got %s", d)
+		}
+	}
 	sched, err := parser.Parse(expr)
 	if err != nil {
 		return nil, nil, err

@@ -32,15 +32,37 @@ func MapError(err error, notFound string) error {
 			return &platform.Error{Code: platform.ECONFLICT, Message: "a resource with the same unique fields already exists", Err: err}
 		case "foreign_key_violation":
 			return &platform.Error{Code: platform.EINVALID, Message: "a referenced resource does not exist", Err: err}
-		case "check_violation", "not_null_violation", "string_data_right_truncation", "numeric_value_out_of_range", "invalid_text_representation":
+		case "check_violation", "not_null_violation":
 			return &platform.Error{Code: platform.EINVALID, Message: "a value is out of range or malformed", Err: err}
 		case "serialization_failure", "deadlock_detected", "lock_not_available":
 			return &platform.Error{Code: platform.ECONFLICT, Message: "a concurrent change conflicted with this one; retry", Err: err}
 		case "query_canceled":
 			return &platform.Error{Code: platform.EUNAVAILABLE, Message: "the database took too long; retry", RetryAfter: 1, Err: err}
 		}
+		if bad := BadInput(err); bad != nil {
+			return bad
+		}
 	}
 	return err
+}
+
+// BadInput returns the EINVALID error a client should see for a database
+// error caused by the data it sent (PostgreSQL's class 22, data exception:
+// a NUL character, a malformed value, a number out of range), or nil for
+// any other error.
+func BadInput(err error) error {
+	var pqErr *pq.Error
+	if !errors.As(err, &pqErr) || pqErr.Code.Class() != "22" {
+		return nil
+	}
+	msg := "a value is out of range or malformed"
+	switch pqErr.Code.Name() {
+	case "character_not_in_repertoire", "untranslatable_character":
+		msg = "text may not contain the NUL character (\\u0000)"
+	case "string_data_right_truncation":
+		msg = "a value is too long"
+	}
+	return &platform.Error{Code: platform.EINVALID, Message: msg, Err: err}
 }
 
 // IsUnavailable reports whether err means the database (or another

@@ -1,0 +1,185 @@
+package e2e
+
+// Input that is well-formed but unusual, through the real server: every
+// spelling of an id, values the database refuses, write-backs of what a
+// read showed, parameters a route ignores.
+
+import (
+	"database/sql"
+	"encoding/base64"
+	"encoding/json"
+	"strings"
+	"testing"
+
+	_ "github.com/lib/pq"
+)
+
+// spellings returns other ways of writing the UUID id that the API accepts.
+func spellings(id string) map[string]string {
+	return map[string]string{
+		"upper case":      strings.ToUpper(id),
+		"braces":          "{" + id + "}",
+		"urn":             "urn:uuid:" + id,
+		"without hyphens": strings.ReplaceAll(id, "-", ""),
+	}
+}
+
+func TestEverySpellingOfAnIDIsTheSameResource(t *testing.T) {
+	t.Parallel()
+	s := NewStack(t, nil)
+	c := s.Client(s.API())
+	alice := c.NewUser("alice")
+	dispatch := map[string]any{"task": "agent:echo", "payload": map[string]any{"message": "x"}}
+
+	agent := secCreate(t, alice.Client, "/v1/agents", map[string]any{"name": "spelled"})
+	for name, id := range spellings(agent) {
+		// Each spelling is read and dispatched to, filling the cache under it.
+		if got := alice.Must(200, "GET", "/v1/agents/"+id, nil).Str(t, "id"); got != agent {
+			t.Fatalf("%s: GET answers id %q, want %q", name, got, agent)
+		}
+		alice.Must(202, "POST", "/v1/agents/"+id+"/commands", dispatch)
+	}
+
+	secStep(t, "a write is seen through every spelling", func() {
+		alice.Must(200, "PATCH", "/v1/agents/"+agent, map[string]any{"description": "changed"})
+		for name, id := range spellings(agent) {
+			if got := alice.Must(200, "GET", "/v1/agents/"+id, nil).Str(t, "description"); got != "changed" {
+				t.Fatalf("%s: description %q after the write", name, got)
+			}
+		}
+	})
+
+	secStep(t, "a deny holds for every spelling", func() {
+		alice.Must(201, "POST", "/v1/agents/"+agent+"/acl", map[string]any{"principal_id": alice.ID, "action": "command", "effect": "deny"})
+		for name, id := range spellings(agent) {
+			secExpect(t, name+": dispatch after a deny", alice.Do("POST", "/v1/agents/"+id+"/commands", dispatch), 403)
+		}
+		alice.Must(201, "POST", "/v1/agents/"+agent+"/acl", map[string]any{"principal_id": alice.ID, "action": "read", "effect": "deny"})
+		for name, id := range spellings(agent) {
+			secExpect(t, name+": read after a deny", alice.Do("GET", "/v1/agents/"+id, nil), 404)
+		}
+	})
+
+	secStep(t, "a deleted resource is gone under every spelling", func() {
+		other := secCreate(t, alice.Client, "/v1/agents", map[string]any{"name": "deleted"})
+		for _, id := range spellings(other) {
+			alice.Must(200, "GET", "/v1/agents/"+id, nil)
+		}
+		alice.Must(204, "DELETE", "/v1/agents/"+other, nil)
+		for name, id := range spellings(other) {
+			secExpect(t, name+": read after delete", alice.Do("GET", "/v1/agents/"+id, nil), 404)
+		}
+	})
+}
+
+// TestBadValuesAreClientErrors sends values that pass the schema but that
+// the database refuses or the route cannot use: each is a 400 problem,
+// never a 500.
+func TestBadValuesAreClientErrors(t *testing.T) {
+	t.Parallel()
+	s := NewStack(t, nil)
+	c := s.Client(s.API())
+	alice := c.NewUser("alice")
+	agent := secCreate(t, alice.Client, "/v1/agents", map[string]any{"name": "target"})
+	cursor := base64.RawURLEncoding.EncodeToString([]byte(`{"s":"-created_at","v":"x","i":"` + agent + `"}`))
+
+	for _, req := range []struct {
+		what, method, path string
+		body               any
+		headers            []string
+		says               string // in the answer, when given
+	}{
+		{"NUL in a name", "POST", "/v1/agents", `{"name":"a\u0000b"}`, nil, ""},
+		{"NUL in a payload", "POST", "/v1/agents/" + agent + "/commands", `{"task":"agent:echo","payload":{"message":"\u0000"}}`, nil, ""},
+		{"NUL in a filter", "GET", "/v1/agents?name=%00", nil, nil, ""},
+		{"NUL in an environment", "POST", "/v1/environments", `{"name":"e","params":{"variables":{"A":"\u0000"}}}`, nil, ""},
+		{"a page past the end of numbers", "GET", "/v1/agents?page=9223372036854775807", nil, nil, ""},
+		{"a page past the end of numbers, notifications", "GET", "/v1/notifications?page=9223372036854775807", nil, nil, ""},
+		{"a urn id in a filter", "GET", "/v1/audit?actor_id=urn:uuid:" + alice.ID, nil, nil, ""},
+		{"a urn id in a body", "POST", "/v1/acl", map[string]any{"resource_type": "Agent", "principal_id": "urn:uuid:" + alice.ID, "action": "read", "effect": "allow"}, nil, ""},
+		{"a tampered cursor", "GET", "/v1/commands?sort=-created_at&cursor=" + cursor, nil, nil, ""},
+		{"an idempotency key that is not UTF-8", "POST", "/v1/agents/" + agent + "/commands", map[string]any{"task": "agent:echo"}, []string{"Idempotency-Key", "caf\xe9"}, ""},
+		{"an unknown status", "GET", "/v1/commands?status=bogus", nil, nil, ""},
+		{"an unknown agent status", "GET", "/v1/agents?status=", nil, nil, ""},
+		{"a filter on delete all", "DELETE", "/v1/agents?name=drop", nil, nil, ""},
+		{"a key with no permissions", "POST", "/v1/api-keys", `{"name":"nothing","permissions":[]}`, nil, ""},
+		{"a schedule every zero seconds", "POST", "/v1/schedules", map[string]any{"name": "s", "agent_id": agent, "task": "agent:echo", "cron": "@every 0s", "timezone": "UTC"}, nil, "at least 1s"},
+		{"a schedule every nanosecond", "POST", "/v1/schedules", map[string]any{"name": "s", "agent_id": agent, "task": "agent:echo", "cron": "@every 1ns", "timezone": "UTC"}, nil, "at least 1s"},
+	} {
+		r := alice.Do(req.method, req.path, req.body, req.headers...)
+		if r.Status != 400 || !strings.HasPrefix(r.Header.Get("Content-Type"), "application/problem+json") || !strings.Contains(string(r.Body), req.says) {
+			t.Errorf("%s: %s %s: want a 400 problem, got %d %s: %s", req.what, req.method, req.path, r.Status, r.Header.Get("Content-Type"), r.Body)
+		}
+	}
+	// Nothing was deleted by the refused DELETE.
+	alice.Must(200, "GET", "/v1/agents/"+agent, nil)
+}
+
+func TestSecretsReadBackKeepTheirValues(t *testing.T) {
+	t.Parallel()
+	s := NewStack(t, nil)
+	c := s.Client(s.API())
+	alice := c.NewUser("alice")
+	env := alice.Must(201, "POST", "/v1/environments", map[string]any{"name": "prod", "secrets": map[string]any{"TOKEN": "real-value"}})
+	id := env.Str(t, "id")
+
+	db, err := sql.Open("postgres", s.DSN)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer db.Close()
+	sealed := func() string {
+		var v string
+		if err := db.QueryRow(`SELECT secrets->>'TOKEN' FROM environments WHERE id = $1`, id).Scan(&v); err != nil {
+			t.Fatal(err)
+		}
+		return v
+	}
+	before := sealed()
+
+	// What a read shows, written back as it is.
+	read := alice.Must(200, "GET", "/v1/environments/"+id, nil)
+	var shown struct {
+		Secrets map[string]string `json:"secrets"`
+	}
+	if err := json.Unmarshal(read.Body, &shown); err != nil || shown.Secrets["TOKEN"] != "***" {
+		t.Fatalf("a read shows %s", read.Body)
+	}
+	alice.Must(200, "PATCH", "/v1/environments/"+id, map[string]any{"secrets": shown.Secrets})
+	etag := alice.Must(200, "GET", "/v1/environments/"+id, nil).Header.Get("ETag")
+	alice.Must(200, "PUT", "/v1/environments/"+id, map[string]any{"name": "prod", "secrets": shown.Secrets}, "If-Match", etag)
+	if after := sealed(); after != before {
+		t.Fatal("writing back *** replaced the secret")
+	}
+	// A placeholder for a secret that does not exist is refused.
+	secExpect(t, "*** for a new secret", alice.Do("PATCH", "/v1/environments/"+id, map[string]any{"secrets": map[string]any{"OTHER": "***"}}), 400)
+	// A real value still replaces it.
+	alice.Must(200, "PATCH", "/v1/environments/"+id, map[string]any{"secrets": map[string]any{"TOKEN": "new-value"}})
+	if sealed() == before {
+		t.Fatal("a new value did not replace the secret")
+	}
+}
+
+func TestKeyScopeCapsAccountRoutes(t *testing.T) {
+	t.Parallel()
+	s := NewStack(t, nil)
+	c := s.Client(s.API())
+	owner := c.NewUser("owner")
+	key := owner.Must(201, "POST", "/v1/api-keys", map[string]any{"name": "reader", "permissions": []string{"Agent.read"}}).Str(t, "key")
+	reader := owner.As(key, "")
+	reader.Must(200, "GET", "/v1/agents", nil)
+	for _, req := range []struct {
+		method, path string
+		body         any
+	}{
+		{"PATCH", "/v1/users/me", map[string]any{"name": "renamed by a key"}},
+		{"PUT", "/v1/users/me/notification-preferences", map[string]any{"muted": []string{"command.succeeded"}}},
+		{"GET", "/v1/notifications", nil},
+		{"POST", "/v1/notifications/read-all", nil},
+	} {
+		secExpect(t, "a key scoped to Agent.read: "+req.method+" "+req.path, reader.Do(req.method, req.path, req.body), 403)
+	}
+	if name := owner.Must(200, "GET", "/v1/users/me", nil).Str(t, "name"); name != "owner" {
+		t.Fatalf("the account's name is %q", name)
+	}
+}
