@@ -11,7 +11,7 @@ const TypeEcho = "agent:echo"
 
 // EchoPayload is the payload of agent:echo.
 type EchoPayload struct {
-	Message string `json:"message"`
+	Message string `json:"message,omitempty"`
 	// Fail makes the attempt fail with this error (for trying retries).
 	Fail string `json:"fail,omitempty"`
 }

@@ -9,6 +9,8 @@ import (
 	"net/url"
 	"strings"
 	"time"
+
+	"golang.org/x/net/http/httpguts"
 )
 
 // TypeHTTPRequest sends one HTTP request and returns the answer.
@@ -31,6 +33,14 @@ func (p *HTTPRequestPayload) Validate() error {
 	case http.MethodGet, http.MethodHead, http.MethodPost, http.MethodPut, http.MethodPatch, http.MethodDelete:
 	default:
 		return fmt.Errorf("method: %q is not one of GET, HEAD, POST, PUT, PATCH, DELETE", p.Method)
+	}
+	for name, value := range p.Headers {
+		if !httpguts.ValidHeaderFieldName(name) {
+			return fmt.Errorf("headers: %q is not a valid header name", name)
+		}
+		if !httpguts.ValidHeaderFieldValue(value) {
+			return fmt.Errorf("headers: the value of %s has a character headers may not carry (such as a line break)", name)
+		}
 	}
 	return checkURL(p.URL)
 }

@@ -13,8 +13,8 @@ const TypeSleep = "agent:sleep"
 
 // SleepPayload is the payload of agent:sleep.
 type SleepPayload struct {
-	// Milliseconds to wait in all (at most one hour).
-	Milliseconds int `json:"milliseconds"`
+	// Milliseconds to wait in all (at most one hour; none when absent).
+	Milliseconds int `json:"milliseconds,omitempty"`
 	// Steps is how many progress reports to make (default 10).
 	Steps int `json:"steps,omitempty"`
 }

@@ -21,6 +21,7 @@ import (
 	"math/rand/v2"
 	"net/http"
 	"reflect"
+	"slices"
 	"sort"
 	"strings"
 	"sync"
@@ -128,10 +129,11 @@ func Register[P any](t Task[P]) {
 	if t.Timeout == 0 {
 		t.Timeout = 5 * time.Minute
 	}
+	required := requiredFields(reflect.TypeFor[P]())
 	d := &Definition{
 		Type: t.Type, Description: t.Description, PayloadType: reflect.TypeFor[P](),
 		MaxRetries: t.MaxRetries, Timeout: t.Timeout, Backoff: t.Backoff,
-		decode: func(raw json.RawMessage) (any, error) { return decode[P](raw) },
+		decode: func(raw json.RawMessage) (any, error) { return decode[P](raw, required) },
 		run:    func(ctx context.Context, run *Run, p any) (any, error) { return t.Handle(ctx, run, p.(P)) },
 	}
 	mu.Lock()
@@ -165,7 +167,31 @@ func All() []*Definition {
 // Validator is implemented by payloads with rules beyond their types.
 type Validator interface{ Validate() error }
 
-func decode[P any](raw json.RawMessage) (P, error) {
+// requiredFields lists the JSON fields of a payload type that a payload
+// must have: those without omitempty (or omitzero), as in the schema GET
+// /v1/tasks publishes for it.
+func requiredFields(t reflect.Type) []string {
+	if t.Kind() != reflect.Struct {
+		return nil
+	}
+	var out []string
+	for f := range t.Fields() {
+		tag := f.Tag.Get("json")
+		name, opts, _ := strings.Cut(tag, ",")
+		if !f.IsExported() || f.Anonymous || name == "-" {
+			continue
+		}
+		if name == "" {
+			name = f.Name
+		}
+		if !slices.Contains(strings.Split(opts, ","), "omitempty") && !slices.Contains(strings.Split(opts, ","), "omitzero") {
+			out = append(out, name)
+		}
+	}
+	return out
+}
+
+func decode[P any](raw json.RawMessage, required []string) (P, error) {
 	var p P
 	if len(bytes.TrimSpace(raw)) == 0 {
 		raw = json.RawMessage("{}")
@@ -177,6 +203,15 @@ func decode[P any](raw json.RawMessage) (P, error) {
 	}
 	if dec.More() {
 		return p, fmt.Errorf("%w: trailing data after the payload", ErrBadPayload)
+	}
+	if len(required) > 0 {
+		var fields map[string]json.RawMessage
+		_ = json.Unmarshal(raw, &fields) // an object: it decoded into a struct
+		for _, name := range required {
+			if _, ok := fields[name]; !ok {
+				return p, fmt.Errorf("%w: field %q is required", ErrBadPayload, name)
+			}
+		}
 	}
 	if v, ok := any(&p).(Validator); ok {
 		if err := v.Validate(); err != nil {

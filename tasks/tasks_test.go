@@ -42,6 +42,11 @@ func TestDecode(t *testing.T) {
 		{"Validate: bad method", TypeHTTPRequest, `{"url":"http://example.com/","method":"TRACE"}`, `method: "TRACE" is not one of`},
 		{"Validate: max_links", TypeWebScrape, `{"url":"http://example.com/","max_links":-1}`, "max_links: between 0 and 10000"},
 		{"scrape", TypeWebScrape, `{"url":"https://example.com/a?b=c"}`, ""},
+		{"Validate: header name", TypeHTTPRequest, `{"url":"http://example.com/","headers":{"a\r\nb":"c"}}`, "is not a valid header name"},
+		{"Validate: header value", TypeHTTPRequest, `{"url":"http://example.com/","headers":{"X-A":"b\r\nHost: evil"}}`, "may not carry"},
+		{"required field missing", TypeWebScrape, `{"max_links":5}`, `field "url" is required`},
+		{"required field missing, empty payload", TypeHTTPRequest, ``, `field "url" is required`},
+		{"optional fields missing", TypeEcho, `{}`, ""},
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {

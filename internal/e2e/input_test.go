@@ -99,6 +99,8 @@ func TestBadValuesAreClientErrors(t *testing.T) {
 		{"a urn id in a body", "POST", "/v1/acl", map[string]any{"resource_type": "Agent", "principal_id": "urn:uuid:" + alice.ID, "action": "read", "effect": "allow"}, nil, ""},
 		{"a tampered cursor", "GET", "/v1/commands?sort=-created_at&cursor=" + cursor, nil, nil, ""},
 		{"an idempotency key that is not UTF-8", "POST", "/v1/agents/" + agent + "/commands", map[string]any{"task": "agent:echo"}, []string{"Idempotency-Key", "caf\xe9"}, ""},
+		{"a payload without a required field", "POST", "/v1/agents/" + agent + "/commands", map[string]any{"task": "web:scrape", "payload": map[string]any{"max_links": 5}}, nil, `field \"url\" is required`},
+		{"a header with a line break", "POST", "/v1/agents/" + agent + "/commands", map[string]any{"task": "http:request", "payload": map[string]any{"url": "http://example.com/", "headers": map[string]any{"X-A": "b\r\nHost: evil"}}}, nil, ""},
 		{"an unknown status", "GET", "/v1/commands?status=bogus", nil, nil, ""},
 		{"an unknown agent status", "GET", "/v1/agents?status=", nil, nil, ""},
 		{"a filter on delete all", "DELETE", "/v1/agents?name=drop", nil, nil, ""},
