@@ -113,6 +113,10 @@ func TestBadValuesAreClientErrors(t *testing.T) {
 			t.Errorf("%s: %s %s: want a 400 problem, got %d %s: %s", req.what, req.method, req.path, r.Status, r.Header.Get("Content-Type"), r.Body)
 		}
 	}
+	// The WebSocket endpoint, asked without an upgrade, answers a problem too.
+	if r := alice.Do("GET", "/v1/ws", nil); r.Status != 400 || !strings.HasPrefix(r.Header.Get("Content-Type"), "application/problem+json") {
+		t.Errorf("GET /v1/ws without an upgrade: want a 400 problem, got %d %s: %s", r.Status, r.Header.Get("Content-Type"), r.Body)
+	}
 	// Nothing was deleted by the refused DELETE.
 	alice.Must(200, "GET", "/v1/agents/"+agent, nil)
 }
@@ -183,5 +187,40 @@ func TestKeyScopeCapsAccountRoutes(t *testing.T) {
 	}
 	if name := owner.Must(200, "GET", "/v1/users/me", nil).Str(t, "name"); name != "owner" {
 		t.Fatalf("the account's name is %q", name)
+	}
+}
+
+// TestDeletingWhatAnAgentUsesChangesTheAgent: an agent whose environment or
+// template is deleted loses the reference, visibly: a fresh read shows it,
+// and its ETag changes.
+func TestDeletingWhatAnAgentUsesChangesTheAgent(t *testing.T) {
+	t.Parallel()
+	s := NewStack(t, nil)
+	c := s.Client(s.API())
+	alice := c.NewUser("alice")
+	tpl := secCreate(t, alice.Client, "/v1/templates", map[string]any{"kind": "agent", "name": "base"})
+	envTpl := secCreate(t, alice.Client, "/v1/templates", map[string]any{"kind": "environment", "name": "env-base"})
+	env := secCreate(t, alice.Client, "/v1/environments", map[string]any{"name": "prod"})
+	stage := secCreate(t, alice.Client, "/v1/environments", map[string]any{"name": "stage", "template_id": envTpl})
+	agent := secCreate(t, alice.Client, "/v1/agents", map[string]any{"name": "a", "template_id": tpl, "environment_id": env})
+
+	for _, step := range []struct{ path, field, of string }{
+		{"/v1/environments/" + env, "environment_id", "/v1/agents/" + agent},
+		{"/v1/templates/" + tpl, "template_id", "/v1/agents/" + agent},
+		{"/v1/templates/" + envTpl, "template_id", "/v1/environments/" + stage},
+	} {
+		before := alice.Must(200, "GET", step.of, nil) // cached now
+		if before.JSON(t)[step.field] == nil {
+			t.Fatalf("%s has no %s to lose", step.of, step.field)
+		}
+		alice.Must(204, "DELETE", step.path, nil)
+		after := alice.Must(200, "GET", step.of, nil)
+		if v, ok := after.JSON(t)[step.field]; ok && v != nil {
+			t.Fatalf("after DELETE %s, %s still shows %s %v", step.path, step.of, step.field, v)
+		}
+		if after.Header.Get("ETag") == before.Header.Get("ETag") {
+			t.Fatalf("after DELETE %s, %s kept its ETag %s", step.path, step.of, after.Header.Get("ETag"))
+		}
+		secExpect(t, "If-None-Match with the old ETag", alice.Do("GET", step.of, nil, "If-None-Match", before.Header.Get("ETag")), 200)
 	}
 }

@@ -11,6 +11,7 @@ import (
 	"github.com/danielgtaylor/huma/v2"
 	"github.com/gin-gonic/gin"
 	"github.com/google/uuid"
+	"github.com/gorilla/websocket"
 
 	"github.com/agentry/agentry/internal/access"
 	"github.com/agentry/agentry/internal/crud"
@@ -96,6 +97,12 @@ func (s *Server) realtimeRoutes(d Deps, res *Resources) {
 		r := c.Request
 		if origin := r.Header.Get("Origin"); origin != "" && !originAllowed(origin, rt.AllowedOrigins) {
 			writeProblem(c, platform.Errorf(platform.EFORBIDDEN, "origin %q is not allowed", origin))
+			return
+		}
+		if !websocket.IsWebSocketUpgrade(r) {
+			// Before authentication: a ticket is not spent on a request
+			// that cannot become a connection.
+			writeProblem(c, platform.Errorf(platform.EINVALID, "this is a WebSocket endpoint: connect with a WebSocket client (Connection: Upgrade, Upgrade: websocket)"))
 			return
 		}
 		ctx := r.Context()

@@ -88,6 +88,7 @@ func (s *Server) resourceRoutes(d Deps) *Resources {
 	res := &Resources{}
 	svc := &templates.Service{Kinds: kinds}
 	res.Service = svc
+	staleOnDetach(d.Registry)
 
 	// Templates.
 	checkParent := func(ctx context.Context, tx *sqlx.Tx, t *templates.Template) error {
@@ -141,7 +142,10 @@ func (s *Server) resourceRoutes(d Deps) *Resources {
 			if n > 0 {
 				return platform.Errorf(platform.ECONFLICT, "%d templates inherit from this one; delete or re-parent them first", n)
 			}
-			return nil
+			if err := detach(ctx, tx, "agents", "template_id", t.ID); err != nil {
+				return err
+			}
+			return detach(ctx, tx, "environments", "template_id", t.ID)
 		},
 	})
 	svc.Handle = res.Templates
@@ -281,6 +285,9 @@ func (s *Server) resourceRoutes(d Deps) *Resources {
 				return err
 			}
 			return seal(e, in.Secrets)
+		},
+		BeforeDelete: func(ctx context.Context, tx *sqlx.Tx, e *platform.Environment) error {
+			return detach(ctx, tx, "agents", "environment_id", e.ID)
 		},
 		BeforeUpdate: func(ctx context.Context, tx *sqlx.Tx, in *EnvironmentInput, old, e *platform.Environment) error {
 			if !equalPtr(e.TemplateID, old.TemplateID) || !jsonEqual(e.Overrides, old.Overrides) {
@@ -543,4 +550,32 @@ func checkChain(ctx context.Context, tx *sqlx.Tx, id, parentID string) error {
 		return platform.Errorf(platform.ECONFLICT, "the chain would be %d templates deep; at most %d", depth, templates.MaxDepth)
 	}
 	return nil
+}
+
+// detach clears column in the rows of table that refer to the resource
+// being deleted, in its transaction, as a change of theirs: a new version,
+// so that their ETags change. (The foreign key would clear it too, but
+// silently.) staleOnDetach makes their cached copies stale once the delete
+// commits.
+func detach(ctx context.Context, tx *sqlx.Tx, table, column, id string) error {
+	_, err := tx.ExecContext(ctx, "UPDATE "+table+" SET "+column+" = NULL, version = version + 1, updated_at = now() WHERE "+column+" = $1", id)
+	return err
+}
+
+// staleOnDetach makes the cached agents and environments of an
+// organization stale when one of its templates or environments is deleted
+// (see detach): deletes are rare, and which rows referred to it is no
+// longer known once it committed.
+func staleOnDetach(reg *crud.Registry) {
+	reg.Observe(func(ctx context.Context, c crud.Change) {
+		if c.Op != crud.OpDelete || reg.Cache == nil || c.Ref.OrgID == "" {
+			return
+		}
+		switch c.Scope.Type {
+		case TemplateScope.Type:
+			_ = reg.Cache.Bump(ctx, crud.TypeDep(c.Ref.OrgID, AgentScope.Type), crud.TypeDep(c.Ref.OrgID, EnvironmentScope.Type))
+		case EnvironmentScope.Type:
+			_ = reg.Cache.Bump(ctx, crud.TypeDep(c.Ref.OrgID, AgentScope.Type))
+		}
+	})
 }
