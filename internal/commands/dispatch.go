@@ -19,8 +19,8 @@ import (
 	"github.com/agentry/agentry/tasks"
 )
 
-// Request is a dispatch: POST /v1/agents/{id}/commands.
-type Request struct {
+// DispatchRequest is a dispatch: POST /v1/agents/{id}/commands.
+type DispatchRequest struct {
 	Task       string          `json:"task" minLength:"1" maxLength:"100" doc:"A task type from GET /v1/tasks, such as agent:echo."`
 	Payload    json.RawMessage `json:"payload,omitempty" doc:"The task's payload; its schema is in GET /v1/tasks."`
 	TimeoutS   *int            `json:"timeout_s,omitempty" minimum:"1" maximum:"86400" doc:"Time limit of one attempt; the task's default when absent."`
@@ -67,7 +67,7 @@ func (d *Dispatcher) agentChanged(ctx context.Context, agentID string) {
 
 // Validate checks a request against the task registry and fills in the
 // defaults. The error lists the reason.
-func Validate(req *Request) (*tasks.Definition, error) {
+func Validate(req *DispatchRequest) (*tasks.Definition, error) {
 	def, ok := tasks.Lookup(req.Task)
 	if !ok {
 		names := []string{}
@@ -90,7 +90,7 @@ func Validate(req *Request) (*tasks.Definition, error) {
 // now. With an idempotency key used before by the same caller within 24
 // hours and the same request, it returns the earlier command (created
 // false); with a different request, ECONFLICT.
-func (d *Dispatcher) Dispatch(ctx context.Context, p *platform.Principal, agent *platform.Agent, req Request, idempotencyKey string) (*platform.Command, bool, error) {
+func (d *Dispatcher) Dispatch(ctx context.Context, p *platform.Principal, agent *platform.Agent, req DispatchRequest, idempotencyKey string) (*platform.Command, bool, error) {
 	if agent.Status == platform.AgentDisabled {
 		return nil, false, platform.Errorf(platform.ECONFLICT, "the agent is disabled; enable it first")
 	}
@@ -313,7 +313,7 @@ func publishCommand(ctx context.Context, bus *events.Bus, logger *slog.Logger, t
 }
 
 // requestHash identifies a dispatch request for idempotency.
-func requestHash(agentID string, req Request) string {
+func requestHash(agentID string, req DispatchRequest) string {
 	canon, _ := json.Marshal(struct {
 		Agent string          `json:"a"`
 		Task  string          `json:"t"`

@@ -249,7 +249,7 @@ func TestDispatchAdmitsAfterTheCallerLeft(t *testing.T) {
 	ctx, cancel := context.WithCancel(context.Background())
 	d.Metrics = cancelOnDispatch{cancel}
 	agent := &platform.Agent{Base: platform.Base{ID: f.newAgent(f.org, nil), OrgID: f.org}, Status: "idle", Config: platform.JSONObject{}}
-	c, created, err := d.Dispatch(ctx, &platform.Principal{ID: f.user}, agent, Request{Task: "agent:echo", Payload: []byte(`{"message":"x"}`)}, "")
+	c, created, err := d.Dispatch(ctx, &platform.Principal{ID: f.user}, agent, DispatchRequest{Task: "agent:echo", Payload: []byte(`{"message":"x"}`)}, "")
 	if err != nil || !created {
 		t.Fatalf("dispatch: %v (created %v)", err, created)
 	}

@@ -230,7 +230,13 @@ type Handle[T any] struct {
 // Create creates a resource from a JSON body of the resource's input type,
 // exactly as POST on the collection does (schema, validation, hooks,
 // access). Template instantiation creates resources through it.
-func (h *Handle[T]) Create(ctx context.Context, body []byte) (*T, error) { return h.create(ctx, body) }
+// A resource without the create operation is ENOTALLOWED.
+func (h *Handle[T]) Create(ctx context.Context, body []byte) (*T, error) {
+	if h.create == nil {
+		return nil, platform.Errorf(platform.ENOTALLOWED, "%s resources are not created this way", h.scope.Type)
+	}
+	return h.create(ctx, body)
+}
 
 type resource[T, In any] struct {
 	Resource[T, In]
@@ -291,9 +297,14 @@ func Register[T, In any](reg *Registry, res Resource[T, In]) *Handle[T] {
 	for _, f := range res.Filters {
 		r.filters[f.Param] = r.filterSpec(f)
 	}
-	r.inSchema = reg.API.OpenAPI().Components.Schemas.Schema(reflect.TypeFor[In](), true, "")
+	if res.Ops&(OpCreate|OpReplace|OpUpdate) != 0 {
+		// Only a resource clients write has an input schema to publish.
+		r.inSchema = reg.API.OpenAPI().Components.Schemas.Schema(reflect.TypeFor[In](), true, "")
+	}
 	reg.AddScope(res.Scope)
-	r.Handle.create = r.createJSON
+	if res.Ops&OpCreate != 0 {
+		r.Handle.create = r.createJSON
+	}
 	if res.Cached {
 		for _, c := range m.cols {
 			if c.json == "" {

@@ -224,3 +224,56 @@ func TestDeletingWhatAnAgentUsesChangesTheAgent(t *testing.T) {
 		secExpect(t, "If-None-Match with the old ETag", alice.Do("GET", step.of, nil, "If-None-Match", before.Header.Get("ETag")), 200)
 	}
 }
+
+// TestTaskSchemasAreJSONSchema: GET /v1/tasks gives each payload's JSON
+// Schema (what dispatch checks), and the OpenAPI document describes it as
+// such, not as the server's own types.
+func TestTaskSchemasAreJSONSchema(t *testing.T) {
+	t.Parallel()
+	s := NewStack(t, nil)
+	c := s.Client(s.API())
+	alice := c.NewUser("alice")
+	components := func() map[string]any {
+		var doc struct {
+			Components struct {
+				Schemas map[string]any `json:"schemas"`
+			} `json:"components"`
+		}
+		if err := json.Unmarshal(c.Must(200, "GET", "/openapi.json", nil).Body, &doc); err != nil {
+			t.Fatal(err)
+		}
+		return doc.Components.Schemas
+	}
+	before := components()
+
+	var list struct {
+		Items []struct {
+			Type          string         `json:"type"`
+			PayloadSchema map[string]any `json:"payload_schema"`
+		} `json:"items"`
+	}
+	if err := json.Unmarshal(alice.Must(200, "GET", "/v1/tasks", nil).Body, &list); err != nil {
+		t.Fatal(err)
+	}
+	required := map[string]string{}
+	for _, task := range list.Items {
+		if task.PayloadSchema["type"] != "object" || task.PayloadSchema["properties"] == nil {
+			t.Fatalf("%s: payload_schema %v", task.Type, task.PayloadSchema)
+		}
+		req, _ := json.Marshal(task.PayloadSchema["required"])
+		required[task.Type] = string(req)
+	}
+	if required["web:scrape"] != `["url"]` || required["agent:echo"] != "null" {
+		t.Fatalf("required fields: %v", required)
+	}
+
+	after := components()
+	for _, name := range []string{"", "Schema", "Discriminator"} {
+		if _, ok := after[name]; ok {
+			t.Errorf("the OpenAPI document has a component schema %q", name)
+		}
+	}
+	if len(after) != len(before) {
+		t.Errorf("GET /v1/tasks changed the OpenAPI document: %d component schemas, then %d", len(before), len(after))
+	}
+}

@@ -27,7 +27,7 @@ var (
 type dispatchInput struct {
 	ID             string `path:"id" format:"uuid" doc:"The agent."`
 	IdempotencyKey string `header:"Idempotency-Key" maxLength:"200" doc:"Send the same key with the same body within 24 hours to get the same command back (200) instead of a second one; a different body with the key is 409."`
-	Body           commands.Request
+	Body           commands.DispatchRequest
 }
 
 type dispatchOutput struct {
@@ -72,17 +72,19 @@ type agentOutput struct {
 }
 
 type taskInfo struct {
-	Type          string       `json:"type"`
-	Description   string       `json:"description"`
-	MaxRetries    int          `json:"max_retries"`
-	TimeoutS      int          `json:"timeout_s"`
-	PayloadSchema *huma.Schema `json:"payload_schema"`
+	Type          string         `json:"type"`
+	Description   string         `json:"description"`
+	MaxRetries    int            `json:"max_retries"`
+	TimeoutS      int            `json:"timeout_s"`
+	PayloadSchema map[string]any `json:"payload_schema" doc:"The JSON Schema a payload of the task must fit."`
+}
+
+type tasksBody struct {
+	Items []taskInfo `json:"items" nullable:"false"`
 }
 
 type tasksOutput struct {
-	Body struct {
-		Items []taskInfo `json:"items" nullable:"false"`
-	}
+	Body tasksBody
 }
 
 func (s *Server) commandRoutes(d Deps, res *Resources) {
@@ -226,22 +228,32 @@ func (s *Server) commandRoutes(d Deps, res *Resources) {
 		"Takes commands again; its backlog resumes. Needs `Agent.update`.",
 		http.StatusOK, true, http.StatusNotFound, http.StatusForbidden), setStatus(false))
 
+	// The tasks and their payload schemas, worked out once: the schema
+	// registry is not for concurrent use, and the tasks are fixed at start.
+	var taskList tasksBody
+	reg := huma.NewMapRegistry("#/components/schemas/", huma.DefaultSchemaNamer)
+	for _, def := range tasks.All() {
+		schema := reg.Schema(def.PayloadType, true, "")
+		if schema.Ref != "" {
+			if resolved := reg.SchemaFromRef(schema.Ref); resolved != nil {
+				schema = resolved
+			}
+		}
+		var generic map[string]any
+		raw, err := json.Marshal(schema)
+		if err == nil {
+			err = json.Unmarshal(raw, &generic)
+		}
+		if err != nil {
+			panic("tasks: the payload schema of " + def.Type + ": " + err.Error()) // a programming error, found at start-up
+		}
+		taskList.Items = append(taskList.Items, taskInfo{Type: def.Type, Description: def.Description,
+			MaxRetries: def.MaxRetries, TimeoutS: int(def.Timeout.Seconds()), PayloadSchema: generic})
+	}
 	huma.Register(s.API, s.op(http.MethodGet, "/v1/tasks", "list-tasks", "Commands", "List tasks",
 		"The tasks agents can run, with their payload schemas, default retries and timeouts.", http.StatusOK, true),
 		func(ctx context.Context, _ *struct{}) (*tasksOutput, error) {
-			out := &tasksOutput{}
-			reg := s.API.OpenAPI().Components.Schemas
-			for _, def := range tasks.All() {
-				schema := reg.Schema(def.PayloadType, true, "")
-				if schema.Ref != "" {
-					if resolved := reg.SchemaFromRef(schema.Ref); resolved != nil {
-						schema = resolved
-					}
-				}
-				out.Body.Items = append(out.Body.Items, taskInfo{Type: def.Type, Description: def.Description,
-					MaxRetries: def.MaxRetries, TimeoutS: int(def.Timeout.Seconds()), PayloadSchema: schema})
-			}
-			return out, nil
+			return &tasksOutput{Body: taskList}, nil
 		})
 
 	s.scheduleRoutes(d, res)
@@ -281,7 +293,7 @@ func (s *Server) scheduleRoutes(d Deps, res *Resources) {
 			bad = append(bad, platform.FieldError{Field: "body.cron", Message: err.Error()})
 		}
 		raw, _ := json.Marshal(map[string]any(sc.Payload))
-		req := commands.Request{Task: sc.Task, Payload: raw}
+		req := commands.DispatchRequest{Task: sc.Task, Payload: raw}
 		if _, err := commands.Validate(&req); err != nil {
 			var perr *platform.Error
 			if !errors.As(err, &perr) {

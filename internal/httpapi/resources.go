@@ -107,13 +107,13 @@ func (s *Server) resourceRoutes(d Deps) *Resources {
 		}
 		return sqlq.MapError(checkChain(ctx, tx, t.ID, *t.ParentID), "template not found")
 	}
-	res.Templates = crud.Register(d.Registry, crud.Resource[templates.Template, templates.Input]{
+	res.Templates = crud.Register(d.Registry, crud.Resource[templates.Template, templates.TemplateInput]{
 		Scope: TemplateScope, Path: "/v1/templates", Table: "templates", Tag: "Templates",
 		Ops: crud.AllOps, Cached: true,
 		Description: "Templates hold parameters of a kind (agent, environment, …) and may inherit from a parent of the same kind: resolving merges the chain root-first with JSON merge patch. Editing a template never changes resources already made from it; resync them on request.",
 		Sort:        []string{"name", "kind"},
 		Filters:     []crud.Filter{{Param: "kind", Column: "kind"}, {Param: "parent_id", Column: "parent_id"}, {Param: "name", Column: "name"}},
-		Validate: func(_ context.Context, in *templates.Input) []platform.FieldError {
+		Validate: func(_ context.Context, in *templates.TemplateInput) []platform.FieldError {
 			if _, ok := kinds.Get(in.Kind); !ok {
 				return []platform.FieldError{{Field: "kind", Message: "unknown kind; one of " + strings.Join(kinds.Names(), ", ")}}
 			}
@@ -122,10 +122,10 @@ func (s *Server) resourceRoutes(d Deps) *Resources {
 			}
 			return nil
 		},
-		BeforeCreate: func(ctx context.Context, tx *sqlx.Tx, in *templates.Input, t *templates.Template) error {
+		BeforeCreate: func(ctx context.Context, tx *sqlx.Tx, in *templates.TemplateInput, t *templates.Template) error {
 			return checkParent(ctx, tx, t)
 		},
-		BeforeUpdate: func(ctx context.Context, tx *sqlx.Tx, in *templates.Input, old, t *templates.Template) error {
+		BeforeUpdate: func(ctx context.Context, tx *sqlx.Tx, in *templates.TemplateInput, old, t *templates.Template) error {
 			if t.Kind != old.Kind {
 				return platform.Invalid("a template's kind cannot change", platform.FieldError{Field: "body.kind", Message: "was " + old.Kind})
 			}

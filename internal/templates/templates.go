@@ -40,8 +40,8 @@ type Template struct {
 	Params      platform.JSONObject `db:"params" json:"params" doc:"This template's own parameters; resolving merges the chain root-first."`
 }
 
-// Input is what a client sets of a template.
-type Input struct {
+// TemplateInput is what a client sets of a template.
+type TemplateInput struct {
 	Kind        string              `json:"kind" minLength:"1" maxLength:"64" pattern:"^[a-z][a-z0-9_]*$" doc:"Cannot change after creation."`
 	Name        string              `json:"name" minLength:"1" maxLength:"100"`
 	Description string              `json:"description,omitempty" maxLength:"1000"`
