@@ -125,7 +125,7 @@ func (d *Dispatcher) Dispatch(ctx context.Context, p *platform.Principal, agent 
 		if len(idempotencyKey) > 200 {
 			return nil, false, platform.Invalid("idempotency key too long", platform.FieldError{Field: "header.Idempotency-Key", Message: "at most 200 characters"})
 		}
-		hash := requestHash(agent.ID, req)
+		hash := requestHash(agent.ID, req.Task, req.Payload, c)
 		c.IdempotencyKey, c.RequestHash = &idempotencyKey, &hash
 	}
 	stored, created, err := d.Store.InsertAdmitted(ctx, c)
@@ -312,16 +312,18 @@ func publishCommand(ctx context.Context, bus *events.Bus, logger *slog.Logger, t
 	}
 }
 
-// requestHash identifies a dispatch request for idempotency.
-func requestHash(agentID string, req DispatchRequest) string {
+// requestHash identifies a dispatch request for idempotency: its task,
+// payload and the settings the command ends up with, so that a field sent
+// with its default value is the same request as one that leaves it out.
+func requestHash(agentID, task string, payload json.RawMessage, c *platform.Command) string {
 	canon, _ := json.Marshal(struct {
 		Agent string          `json:"a"`
 		Task  string          `json:"t"`
 		Body  json.RawMessage `json:"p"`
-		T     *int            `json:"ts"`
-		R     *int            `json:"r"`
-		P     *int            `json:"pr"`
-	}{agentID, req.Task, compact(req.Payload), req.TimeoutS, req.MaxRetries, req.Priority})
+		T     int             `json:"ts"`
+		R     int             `json:"r"`
+		P     int             `json:"pr"`
+	}{agentID, task, compact(payload), c.TimeoutS, c.MaxRetries, c.Priority})
 	sum := sha256.Sum256(canon)
 	return hex.EncodeToString(sum[:])
 }

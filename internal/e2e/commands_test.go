@@ -305,6 +305,15 @@ func TestCommandIdempotency(t *testing.T) {
 	if got := decodeCommand(t, u.Must(200, "POST", "/v1/agents/"+agent+"/commands", reordered, "Idempotency-Key", "key-1")); got.ID != first.ID {
 		t.Fatalf("reordered body: want the same command, got %s", got.ID)
 	}
+	// A setting sent with its default value is the same request as one
+	// that leaves it out.
+	defaults := `{"task": "agent:echo", "payload": {"message": "once"}, "priority": 0}`
+	if got := decodeCommand(t, u.Must(200, "POST", "/v1/agents/"+agent+"/commands", defaults, "Idempotency-Key", "key-1")); got.ID != first.ID {
+		t.Fatalf("explicit defaults: want the same command, got %s", got.ID)
+	}
+	if r := u.Do("POST", "/v1/agents/"+agent+"/commands", `{"task": "agent:echo", "payload": {"message": "once"}, "priority": 5}`, "Idempotency-Key", "key-1"); r.Status != 409 {
+		t.Fatalf("same key, another priority: want 409, got %d: %s", r.Status, r.Body)
+	}
 	r := u.Do("POST", "/v1/agents/"+agent+"/commands", echo("twice"), "Idempotency-Key", "key-1")
 	if r.Status != 409 {
 		t.Fatalf("same key, different body: want 409, got %d: %s", r.Status, r.Body)
