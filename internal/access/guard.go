@@ -26,12 +26,19 @@ type Guard struct {
 	OnDeny func(reason string)
 }
 
-// Caller returns the authenticated principal of the request.
+// Caller returns the authenticated principal of the request, which must
+// act in an organization.
 func (g *Guard) Caller(ctx context.Context) (*platform.Principal, error) {
-	if p := platform.PrincipalFrom(ctx); p != nil {
-		return p, nil
+	p := platform.PrincipalFrom(ctx)
+	switch {
+	case p == nil:
+		return nil, platform.Errorf(platform.EUNAUTHORIZED, "authentication required")
+	case p.OrgID == "":
+		// Every resource belongs to an organization: say how to name one,
+		// rather than answer an empty list or a vague denial.
+		return nil, platform.Errorf(platform.EFORBIDDEN, "you act in no organization: send X-Org-ID with one of yours (GET /v1/organizations), set default_org_id (PATCH /v1/users/me), or create one (POST /v1/organizations)")
 	}
-	return nil, platform.Errorf(platform.EUNAUTHORIZED, "authentication required")
+	return p, nil
 }
 
 // Decide decides action on ref (nil: on the type) and answers as DESIGN.md

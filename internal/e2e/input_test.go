@@ -277,3 +277,23 @@ func TestTaskSchemasAreJSONSchema(t *testing.T) {
 		t.Errorf("GET /v1/tasks changed the OpenAPI document: %d component schemas, then %d", len(before), len(after))
 	}
 }
+
+// TestNoOrganizationIsExplained: a user whose organization is gone is told
+// how to name one, not answered an empty list or a vague denial.
+func TestNoOrganizationIsExplained(t *testing.T) {
+	t.Parallel()
+	s := NewStack(t, nil)
+	c := s.Client(s.API())
+	alice := c.NewUser("alice")
+	alice.Must(204, "DELETE", "/v1/organizations/"+alice.Org, nil)
+	homeless := alice.As(alice.Token, "")
+	for _, req := range []struct{ method, path string }{{"GET", "/v1/agents"}, {"POST", "/v1/agents"}, {"GET", "/v1/commands"}} {
+		r := homeless.Do(req.method, req.path, map[string]any{"name": "x"})
+		if r.Status != 403 || !strings.Contains(string(r.Body), "X-Org-ID") {
+			t.Errorf("%s %s without an organization: want 403 naming X-Org-ID, got %d: %s", req.method, req.path, r.Status, r.Body)
+		}
+	}
+	// A new organization puts things right.
+	org := homeless.Must(201, "POST", "/v1/organizations", map[string]any{"name": "new home"}).Str(t, "id")
+	alice.As(alice.Token, org).Must(200, "GET", "/v1/agents", nil)
+}
