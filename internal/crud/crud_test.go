@@ -289,6 +289,15 @@ func TestUpdateMergePatch(t *testing.T) {
 	if _, has := r.json(t)["note"]; has {
 		t.Fatalf("note not removed: %s", r.body)
 	}
+	// A patch that changes nothing makes no new version: other clients'
+	// ETags stay good.
+	for _, body := range []string{`{}`, `{"size": 7}`, `{"note": null}`} {
+		r = e.do("PATCH", "/v1/widgets/"+id, body, "Content-Type", "application/merge-patch+json")
+		wantStatus(t, r, 200)
+		if r.header.Get("ETag") != `"3"` || r.json(t)["version"] != 3.0 {
+			t.Fatalf("no-op patch %s: ETag %q, %s", body, r.header.Get("ETag"), r.body)
+		}
+	}
 	// Optimistic concurrency.
 	wantProblem(t, e.do("PATCH", "/v1/widgets/"+id, `{"size": 9}`, "If-Match", `"1"`), 412)
 	wantStatus(t, e.do("PATCH", "/v1/widgets/"+id, `{"size": 9}`, "If-Match", `"3"`), 200)

@@ -410,9 +410,15 @@ func (r *resource[T, In]) write(ctx context.Context, id, ifMatch string, next fu
 			return nil, err
 		}
 	}
+	values := r.m.values(rv, r.updateCols)
+	if reflect.DeepEqual(values, r.m.values(reflect.ValueOf(old).Elem(), r.updateCols)) {
+		// Nothing changes: no new version, so that other clients' ETags
+		// stay good.
+		return &ItemOutput[T]{ETag: etag(oldBase.Version), Body: r.Render(ctx, row)}, nil
+	}
 	var args sqlq.Args
 	sets := make([]string, len(r.updateCols))
-	for i, v := range r.m.values(rv, r.updateCols) {
+	for i, v := range values {
 		sets[i] = sqlq.Ident(r.updateCols[i]) + " = " + args.Add(v)
 	}
 	// Stores the new values and bumps the version; returns the stored row.
