@@ -36,7 +36,7 @@ func TestScheduleFiresOncePerFireTime(t *testing.T) {
 	api := s.API()
 	s.Start("worker")
 	first := s.Start("scheduler")
-	s.Start("scheduler")
+	second := s.Start("scheduler")
 	u := s.Client(api).NewUser("sched")
 	agent := cmdAgent(t, u.Client, map[string]any{"max_concurrency": 5})
 	r := u.Must(201, "POST", "/v1/schedules", map[string]any{
@@ -101,6 +101,11 @@ func TestScheduleFiresOncePerFireTime(t *testing.T) {
 		}
 		return true
 	})
+	// The scheduler still running fired the last ones, and counts them
+	// as dispatched.
+	if v, ok := sampleValue(scrape(t, second)["agentry_commands_dispatched_total"], map[string]string{"task": "agent:echo"}); !ok || v < 3 {
+		t.Errorf("the scheduler counts %v commands dispatched (present %v), want at least 3", v, ok)
+	}
 }
 
 func TestScheduleRefused(t *testing.T) {

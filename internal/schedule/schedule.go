@@ -221,6 +221,9 @@ func (f *Firer) FireDue(ctx context.Context) (int, error) {
 		return 0, err
 	}
 	for _, c := range created {
+		if f.Dispatcher.Metrics != nil {
+			f.Dispatcher.Metrics.Dispatched(c.Task)
+		}
 		f.Dispatcher.Publish(ctx, "command.queued", c)
 		f.Dispatcher.Admit(ctx, c.AgentID)
 	}
