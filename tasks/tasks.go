@@ -81,15 +81,40 @@ type Definition struct {
 	Description string
 	// PayloadType is the payload struct, for documentation.
 	PayloadType reflect.Type
-	// MaxRetries is the default number of retries after a failed attempt.
-	MaxRetries int
-	// Timeout is the default time limit of one attempt.
-	Timeout time.Duration
+	// maxRetries and timeout are the task's own defaults (zero: the
+	// platform's, see SetDefaults).
+	maxRetries int
+	timeout    time.Duration
 	// Backoff is the wait before retry n (1-based).
 	Backoff func(n int) time.Duration
 
 	decode func(raw json.RawMessage) (any, error)
 	run    func(ctx context.Context, run *Run, payload any) (any, error)
+}
+
+// MaxRetries is the default number of retries after a failed attempt: the
+// task's own, or the platform's.
+func (d *Definition) MaxRetries() int {
+	switch {
+	case d.maxRetries == NoRetries:
+		return 0
+	case d.maxRetries > 0:
+		return d.maxRetries
+	}
+	mu.RLock()
+	defer mu.RUnlock()
+	return defaultRetries
+}
+
+// Timeout is the default time limit of one attempt: the task's own, or the
+// platform's.
+func (d *Definition) Timeout() time.Duration {
+	if d.timeout > 0 {
+		return d.timeout
+	}
+	mu.RLock()
+	defer mu.RUnlock()
+	return defaultTimeout
 }
 
 // Decode checks a payload: unknown fields, wrong types and the payload's own
@@ -109,16 +134,40 @@ func (d *Definition) Execute(ctx context.Context, run *Run, raw json.RawMessage)
 type Task[P any] struct {
 	Type        string
 	Description string
-	MaxRetries  int
-	Timeout     time.Duration
+	// MaxRetries is how many times a failed attempt is retried by default
+	// (a dispatch may say otherwise); 0 takes the platform's default
+	// (setting command_max_retries), NoRetries means none.
+	MaxRetries int
+	// Timeout limits one attempt by default; 0 takes the platform's
+	// default (setting command_timeout).
+	Timeout time.Duration
 	Backoff     func(n int) time.Duration
 	Handle      func(ctx context.Context, run *Run, payload P) (any, error)
 }
 
+// NoRetries is Task.MaxRetries for a task whose failed attempts are not
+// retried unless the dispatch asks.
+const NoRetries = -1
+
 var (
-	mu       sync.RWMutex
-	registry = map[string]*Definition{}
+	mu             sync.RWMutex
+	registry       = map[string]*Definition{}
+	defaultTimeout = 5 * time.Minute
+	defaultRetries = 3
 )
+
+// SetDefaults sets the platform's defaults for tasks that have none of
+// their own (settings command_timeout and command_max_retries).
+func SetDefaults(timeout time.Duration, maxRetries int) {
+	mu.Lock()
+	defer mu.Unlock()
+	if timeout > 0 {
+		defaultTimeout = timeout
+	}
+	if maxRetries >= 0 {
+		defaultRetries = maxRetries
+	}
+}
 
 // Register adds a task; it panics on a duplicate type (a programming
 // error found at start-up).
@@ -126,13 +175,10 @@ func Register[P any](t Task[P]) {
 	if t.Backoff == nil {
 		t.Backoff = ExponentialBackoff(time.Second, time.Minute)
 	}
-	if t.Timeout == 0 {
-		t.Timeout = 5 * time.Minute
-	}
 	required := requiredFields(reflect.TypeFor[P]())
 	d := &Definition{
 		Type: t.Type, Description: t.Description, PayloadType: reflect.TypeFor[P](),
-		MaxRetries: t.MaxRetries, Timeout: t.Timeout, Backoff: t.Backoff,
+		maxRetries: t.MaxRetries, timeout: t.Timeout, Backoff: t.Backoff,
 		decode: func(raw json.RawMessage) (any, error) { return decode[P](raw, required) },
 		run:    func(ctx context.Context, run *Run, p any) (any, error) { return t.Handle(ctx, run, p.(P)) },
 	}

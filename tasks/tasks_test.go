@@ -311,3 +311,27 @@ func TestHandleSleep(t *testing.T) {
 		t.Fatal("a cancelled sleep did not stop")
 	}
 }
+
+// A task without its own timeout or retries takes the platform's defaults
+// (settings command_timeout and command_max_retries); NoRetries means none.
+func TestPlatformDefaults(t *testing.T) {
+	Register(Task[EchoPayload]{Type: "test:platform-defaults", Handle: HandleEcho})
+	Register(Task[EchoPayload]{Type: "test:no-retries", MaxRetries: NoRetries, Handle: HandleEcho})
+	plain, _ := Lookup("test:platform-defaults")
+	none, _ := Lookup("test:no-retries")
+	echo, _ := Lookup(TypeEcho)
+	if plain.Timeout() != 5*time.Minute || plain.MaxRetries() != 3 {
+		t.Fatalf("before SetDefaults: %v, %d retries", plain.Timeout(), plain.MaxRetries())
+	}
+	SetDefaults(10*time.Minute, 7)
+	defer SetDefaults(5*time.Minute, 3)
+	if plain.Timeout() != 10*time.Minute || plain.MaxRetries() != 7 {
+		t.Fatalf("after SetDefaults: %v, %d retries", plain.Timeout(), plain.MaxRetries())
+	}
+	if none.MaxRetries() != 0 {
+		t.Fatalf("NoRetries: %d retries", none.MaxRetries())
+	}
+	if echo.MaxRetries() != 3 || echo.Timeout() != 10*time.Minute {
+		t.Fatalf("echo keeps its own retries and takes the default timeout: %v, %d", echo.Timeout(), echo.MaxRetries())
+	}
+}

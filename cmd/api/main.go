@@ -63,6 +63,7 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 	if err != nil {
 		return err
 	}
+	tasks.SetDefaults(settings.CommandTimeout, settings.CommandMaxRetries)
 	logger := app.Logger(stderr, settings, "api")
 	cmd := ""
 	if len(args) > 1 {

@@ -26,6 +26,7 @@ import (
 	"github.com/agentry/agentry/internal/metrics"
 	"github.com/agentry/agentry/internal/notify"
 	"github.com/agentry/agentry/internal/schedule"
+	"github.com/agentry/agentry/tasks"
 )
 
 func main() {
@@ -45,6 +46,7 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 	if err != nil {
 		return err
 	}
+	tasks.SetDefaults(s.CommandTimeout, s.CommandMaxRetries)
 	logger := app.Logger(stderr, s, "scheduler")
 	db, err := app.Postgres(ctx, s)
 	if err != nil {

@@ -50,6 +50,7 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 	if err != nil {
 		return err
 	}
+	tasks.SetDefaults(s.CommandTimeout, s.CommandMaxRetries)
 	logger := app.Logger(stderr, s, "worker")
 	db, err := app.Postgres(ctx, s)
 	if err != nil {

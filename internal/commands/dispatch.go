@@ -106,8 +106,8 @@ func (d *Dispatcher) Dispatch(ctx context.Context, p *platform.Principal, agent 
 		AgentID:    agent.ID,
 		Task:       req.Task,
 		Payload:    compact(req.Payload),
-		TimeoutS:   int(def.Timeout.Seconds()),
-		MaxRetries: def.MaxRetries,
+		TimeoutS:   int(def.Timeout().Seconds()),
+		MaxRetries: def.MaxRetries(),
 	}
 	if n, ok := agent.Config["command_timeout_s"].(float64); ok && n >= 1 {
 		c.TimeoutS = int(n)

@@ -230,7 +230,7 @@ func TestDeletingWhatAnAgentUsesChangesTheAgent(t *testing.T) {
 // such, not as the server's own types.
 func TestTaskSchemasAreJSONSchema(t *testing.T) {
 	t.Parallel()
-	s := NewStack(t, nil)
+	s := NewStack(t, map[string]string{"AGENTRY_COMMAND_TIMEOUT": "10m"})
 	c := s.Client(s.API())
 	alice := c.NewUser("alice")
 	components := func() map[string]any {
@@ -249,6 +249,7 @@ func TestTaskSchemasAreJSONSchema(t *testing.T) {
 	var list struct {
 		Items []struct {
 			Type          string         `json:"type"`
+			TimeoutS      int            `json:"timeout_s"`
 			PayloadSchema map[string]any `json:"payload_schema"`
 		} `json:"items"`
 	}
@@ -262,6 +263,14 @@ func TestTaskSchemasAreJSONSchema(t *testing.T) {
 		}
 		req, _ := json.Marshal(task.PayloadSchema["required"])
 		required[task.Type] = string(req)
+		// agent:echo has no timeout of its own: the setting's applies.
+		if task.Type == "agent:echo" && task.TimeoutS != 600 {
+			t.Errorf("agent:echo: timeout_s %d with AGENTRY_COMMAND_TIMEOUT=10m", task.TimeoutS)
+		}
+	}
+	agent := secCreate(t, alice.Client, "/v1/agents", map[string]any{"name": "a"})
+	if got := alice.Must(202, "POST", "/v1/agents/"+agent+"/commands", map[string]any{"task": "agent:echo"}).JSON(t)["timeout_s"]; got != 600.0 {
+		t.Errorf("an echo dispatched with AGENTRY_COMMAND_TIMEOUT=10m has timeout_s %v", got)
 	}
 	if required["web:scrape"] != `["url"]` || required["agent:echo"] != "null" {
 		t.Fatalf("required fields: %v", required)

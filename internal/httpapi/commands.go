@@ -248,7 +248,7 @@ func (s *Server) commandRoutes(d Deps, res *Resources) {
 			panic("tasks: the payload schema of " + def.Type + ": " + err.Error()) // a programming error, found at start-up
 		}
 		taskList.Items = append(taskList.Items, taskInfo{Type: def.Type, Description: def.Description,
-			MaxRetries: def.MaxRetries, TimeoutS: int(def.Timeout.Seconds()), PayloadSchema: generic})
+			MaxRetries: def.MaxRetries(), TimeoutS: int(def.Timeout().Seconds()), PayloadSchema: generic})
 	}
 	huma.Register(s.API, s.op(http.MethodGet, "/v1/tasks", "list-tasks", "Commands", "List tasks",
 		"The tasks agents can run, with their payload schemas, default retries and timeouts.", http.StatusOK, true),

@@ -257,7 +257,7 @@ func (f *Firer) command(ctx context.Context, tx *sqlx.Tx, s *Schedule, at time.T
 		ev AS (INSERT INTO command_events (command_id, type, status, data)
 			SELECT id, 'queued', status, jsonb_build_object('schedule_id', schedule_id, 'fire_time', fire_time) FROM done)
 		SELECT * FROM done`,
-		uuid.NewString(), s.OrgID, s.OwnerID, s.AgentID, s.Task, string(payload), int(def.Timeout.Seconds()), def.MaxRetries, s.ID, at)
+		uuid.NewString(), s.OrgID, s.OwnerID, s.AgentID, s.Task, string(payload), int(def.Timeout().Seconds()), def.MaxRetries(), s.ID, at)
 	if errors.Is(err, sql.ErrNoRows) {
 		return nil, nil
 	}
