@@ -306,3 +306,44 @@ func TestNoOrganizationIsExplained(t *testing.T) {
 	org := homeless.Must(201, "POST", "/v1/organizations", map[string]any{"name": "new home"}).Str(t, "id")
 	alice.As(alice.Token, org).Must(200, "GET", "/v1/agents", nil)
 }
+
+// TestOpenAPIDocumentsTheOrganizationHeader: X-Org-ID, which every
+// authenticated operation reads, is a documented parameter of each, and the
+// idempotent replay of a dispatch (200) is documented.
+func TestOpenAPIDocumentsTheOrganizationHeader(t *testing.T) {
+	t.Parallel()
+	s := NewStack(t, nil)
+	c := s.Client(s.API())
+	var doc struct {
+		Paths map[string]map[string]struct {
+			Security   []any            `json:"security"`
+			Parameters []map[string]any `json:"parameters"`
+			Responses  map[string]any   `json:"responses"`
+		} `json:"paths"`
+	}
+	if err := json.Unmarshal(c.Must(200, "GET", "/openapi.json", nil).Body, &doc); err != nil {
+		t.Fatal(err)
+	}
+	secured := 0
+	for path, ops := range doc.Paths {
+		for method, op := range ops {
+			if len(op.Security) == 0 {
+				continue
+			}
+			secured++
+			found := false
+			for _, p := range op.Parameters {
+				found = found || p["$ref"] == "#/components/parameters/OrgID"
+			}
+			if !found {
+				t.Errorf("%s %s does not document X-Org-ID", method, path)
+			}
+		}
+	}
+	if secured < 50 {
+		t.Fatalf("only %d authenticated operations", secured)
+	}
+	if _, ok := doc.Paths["/v1/agents/{id}/commands"]["post"].Responses["200"]; !ok {
+		t.Error("the dispatch's 200 (an idempotent replay) is not documented")
+	}
+}

@@ -104,6 +104,10 @@ func (s *Server) commandRoutes(d Deps, res *Resources) {
 	op := s.op(http.MethodPost, "/v1/agents/{id}/commands", "dispatch-command", "Commands", "Dispatch a command",
 		"Queues a command for the agent and answers 202 with it; watch it on GET /v1/commands/{id} or the WebSocket topic command:{id}. Needs `Agent.command` on the agent. An unknown task or a payload that does not fit the task is 400; a disabled agent 409. The agent runs one command at a time unless its config's max_concurrency allows more; the rest wait in order.",
 		http.StatusAccepted, true, http.StatusNotFound, http.StatusForbidden, http.StatusConflict)
+	op.Responses = map[string]*huma.Response{"200": {
+		Description: "The command an earlier request with the same Idempotency-Key and body created, within 24 hours.",
+		Content:     map[string]*huma.MediaType{"application/json": {Schema: &huma.Schema{Ref: "#/components/schemas/Command"}}},
+	}}
 	huma.Register(s.API, op, func(ctx context.Context, in *dispatchInput) (*dispatchOutput, error) {
 		// The agent's status flips with each command it runs; a dispatch
 		// needs the rest of it (and its access), which stays cached.

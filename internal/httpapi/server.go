@@ -207,7 +207,7 @@ func (s *Server) platformRoutes() {
 	}
 
 	s.engine.GET("/openapi.json", func(c *gin.Context) {
-		s.specOnce.Do(func() { s.spec, s.specErr = json.Marshal(s.API.OpenAPI()) })
+		s.specOnce.Do(func() { s.spec, s.specErr = documentSpec(s.API.OpenAPI()) })
 		if s.specErr != nil {
 			writeProblem(c, s.specErr)
 			return
@@ -271,4 +271,47 @@ func canonicalIDs(ctx huma.Context, next func(huma.Context)) {
 		}
 	}
 	next(ctx)
+}
+
+// documentSpec is the OpenAPI document as served: every operation that
+// authenticates also takes the X-Org-ID header, which the authentication
+// reads for all of them (so it is added to the document, not to each
+// operation's input).
+func documentSpec(doc *huma.OpenAPI) ([]byte, error) {
+	raw, err := json.Marshal(doc)
+	if err != nil {
+		return nil, err
+	}
+	var spec map[string]any
+	if err := json.Unmarshal(raw, &spec); err != nil {
+		return nil, err
+	}
+	components, _ := spec["components"].(map[string]any)
+	if components == nil {
+		components = map[string]any{}
+		spec["components"] = components
+	}
+	params, _ := components["parameters"].(map[string]any)
+	if params == nil {
+		params = map[string]any{}
+		components["parameters"] = params
+	}
+	params["OrgID"] = map[string]any{
+		"name": "X-Org-ID", "in": "header", "required": false,
+		"description": "The organization to act in: one of yours. Without it, your default organization (an API key acts in its own).",
+		"schema":      map[string]any{"type": "string", "format": "uuid"},
+	}
+	paths, _ := spec["paths"].(map[string]any)
+	for _, item := range paths {
+		methods, _ := item.(map[string]any)
+		for _, o := range methods {
+			op, _ := o.(map[string]any)
+			if sec, _ := op["security"].([]any); len(sec) == 0 {
+				continue
+			}
+			list, _ := op["parameters"].([]any)
+			op["parameters"] = append(list, map[string]any{"$ref": "#/components/parameters/OrgID"})
+		}
+	}
+	return json.Marshal(spec)
 }
