@@ -141,8 +141,8 @@ type Task[P any] struct {
 	// Timeout limits one attempt by default; 0 takes the platform's
 	// default (setting command_timeout).
 	Timeout time.Duration
-	Backoff     func(n int) time.Duration
-	Handle      func(ctx context.Context, run *Run, payload P) (any, error)
+	Backoff func(n int) time.Duration
+	Handle  func(ctx context.Context, run *Run, payload P) (any, error)
 }
 
 // NoRetries is Task.MaxRetries for a task whose failed attempts are not
