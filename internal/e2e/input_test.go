@@ -166,30 +166,6 @@ func TestSecretsReadBackKeepTheirValues(t *testing.T) {
 	}
 }
 
-func TestKeyScopeCapsAccountRoutes(t *testing.T) {
-	t.Parallel()
-	s := NewStack(t, nil)
-	c := s.Client(s.API())
-	owner := c.NewUser("owner")
-	key := owner.Must(201, "POST", "/v1/api-keys", map[string]any{"name": "reader", "permissions": []string{"Agent.read"}}).Str(t, "key")
-	reader := owner.As(key, "")
-	reader.Must(200, "GET", "/v1/agents", nil)
-	for _, req := range []struct {
-		method, path string
-		body         any
-	}{
-		{"PATCH", "/v1/users/me", map[string]any{"name": "renamed by a key"}},
-		{"PUT", "/v1/users/me/notification-preferences", map[string]any{"muted": []string{"command.succeeded"}}},
-		{"GET", "/v1/notifications", nil},
-		{"POST", "/v1/notifications/read-all", nil},
-	} {
-		secExpect(t, "a key scoped to Agent.read: "+req.method+" "+req.path, reader.Do(req.method, req.path, req.body), 403)
-	}
-	if name := owner.Must(200, "GET", "/v1/users/me", nil).Str(t, "name"); name != "owner" {
-		t.Fatalf("the account's name is %q", name)
-	}
-}
-
 // TestDeletingWhatAnAgentUsesChangesTheAgent: an agent whose environment or
 // template is deleted loses the reference, visibly: a fresh read shows it,
 // and its ETag changes.
@@ -285,26 +261,6 @@ func TestTaskSchemasAreJSONSchema(t *testing.T) {
 	if len(after) != len(before) {
 		t.Errorf("GET /v1/tasks changed the OpenAPI document: %d component schemas, then %d", len(before), len(after))
 	}
-}
-
-// TestNoOrganizationIsExplained: a user whose organization is gone is told
-// how to name one, not answered an empty list or a vague denial.
-func TestNoOrganizationIsExplained(t *testing.T) {
-	t.Parallel()
-	s := NewStack(t, nil)
-	c := s.Client(s.API())
-	alice := c.NewUser("alice")
-	alice.Must(204, "DELETE", "/v1/organizations/"+alice.Org, nil)
-	homeless := alice.As(alice.Token, "")
-	for _, req := range []struct{ method, path string }{{"GET", "/v1/agents"}, {"POST", "/v1/agents"}, {"GET", "/v1/commands"}} {
-		r := homeless.Do(req.method, req.path, map[string]any{"name": "x"})
-		if r.Status != 403 || !strings.Contains(string(r.Body), "X-Org-ID") {
-			t.Errorf("%s %s without an organization: want 403 naming X-Org-ID, got %d: %s", req.method, req.path, r.Status, r.Body)
-		}
-	}
-	// A new organization puts things right.
-	org := homeless.Must(201, "POST", "/v1/organizations", map[string]any{"name": "new home"}).Str(t, "id")
-	alice.As(alice.Token, org).Must(200, "GET", "/v1/agents", nil)
 }
 
 // TestOpenAPIDocumentsTheOrganizationHeader: X-Org-ID, which every

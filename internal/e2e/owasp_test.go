@@ -699,6 +699,11 @@ func TestOWASPAPI5NarrowKeyOfAnAdmin(t *testing.T) {
 		{"POST", "/v1/roles", map[string]any{"name": "x", "permissions": []string{"*"}}},
 		{"GET", "/v1/acl", nil},
 		{"DELETE", "/v1/agents", nil},
+		// Nor its owner's account and notifications.
+		{"PATCH", "/v1/users/me", map[string]any{"name": "renamed by a key"}},
+		{"PUT", "/v1/users/me/notification-preferences", map[string]any{"muted": []string{"command.succeeded"}}},
+		{"GET", "/v1/notifications", nil},
+		{"POST", "/v1/notifications/read-all", nil},
 	} {
 		if r := reader.Do(req.method, req.path, req.body); r.Status != 403 {
 			got = append(got, fmt.Sprintf("%s %s → %d", req.method, req.path, r.Status))
