@@ -567,15 +567,17 @@ publishing:
 		default:
 		}
 	}
-	// A few more after the cut, which the fast client still gets.
+	// A few more after the cut, which the fast client still gets. Their
+	// count is told before they go: the fast client may read them all
+	// before the last Publish returns.
+	t.Logf("the slow client was cut off after %d events", sent)
+	total.Store(int64(sent + 20))
 	for range 20 {
 		if err := f.bus.Publish(ctx, "ev", map[string]any{"n": sent, "pad": pad}, "agent:busy"); err != nil {
 			t.Fatal(err)
 		}
 		sent++
 	}
-	total.Store(int64(sent))
-	t.Logf("the slow client was cut off after %d events", sent-20)
 	if err := <-received; err != nil {
 		t.Fatal(err)
 	}
