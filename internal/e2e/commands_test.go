@@ -197,6 +197,13 @@ func TestCommandDispatchSucceeds(t *testing.T) {
 	if loc := r.Header.Get("Location"); loc != "/v1/commands/"+c.ID {
 		t.Errorf("Location: want /v1/commands/%s, got %q", c.ID, loc)
 	}
+	var stamps struct {
+		CreatedAt time.Time `json:"created_at"`
+		UpdatedAt time.Time `json:"updated_at"`
+	}
+	if err := json.Unmarshal(r.Body, &stamps); err != nil || stamps.CreatedAt.IsZero() || stamps.UpdatedAt.Before(stamps.CreatedAt) {
+		t.Errorf("a new command updated (%s) before it was created (%s) (%v)", stamps.UpdatedAt, stamps.CreatedAt, err)
+	}
 	done := cmdWaitStatus(t, u.Client, c.ID, "succeeded", 10*time.Second)
 	var res struct {
 		Message, Agent string
