@@ -82,7 +82,7 @@ func run(ctx context.Context, dir string, out io.Writer) error {
 		"",
 		"agentry is starting:",
 		"  API      http://localhost:8080",
-		"  docs     http://localhost:8080/docs",
+		"  docs     http://localhost:8080/docs (OpenAPI: http://localhost:8080/openapi.json)",
 		"  metrics  http://localhost:8080/metrics (worker :9091/metrics, scheduler :9092/metrics)",
 		"Press Ctrl-C to stop all three.",
 		"",
