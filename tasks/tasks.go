@@ -25,6 +25,7 @@ import (
 	"sort"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/hibiken/asynq"
@@ -101,9 +102,7 @@ func (d *Definition) MaxRetries() int {
 	case d.maxRetries > 0:
 		return d.maxRetries
 	}
-	mu.RLock()
-	defer mu.RUnlock()
-	return defaultRetries
+	return int(defaultRetries.Load())
 }
 
 // Timeout is the default time limit of one attempt: the task's own, or the
@@ -112,9 +111,7 @@ func (d *Definition) Timeout() time.Duration {
 	if d.timeout > 0 {
 		return d.timeout
 	}
-	mu.RLock()
-	defer mu.RUnlock()
-	return defaultTimeout
+	return time.Duration(defaultTimeout.Load())
 }
 
 // Decode checks a payload: unknown fields, wrong types and the payload's own
@@ -150,22 +147,26 @@ type Task[P any] struct {
 const NoRetries = -1
 
 var (
-	mu             sync.RWMutex
-	registry       = map[string]*Definition{}
-	defaultTimeout = 5 * time.Minute
-	defaultRetries = 3
+	mu       sync.RWMutex
+	registry = map[string]*Definition{}
+
+	// The platform's defaults (SetDefaults).
+	defaultTimeout, defaultRetries atomic.Int64
 )
+
+func init() {
+	defaultTimeout.Store(int64(5 * time.Minute))
+	defaultRetries.Store(3)
+}
 
 // SetDefaults sets the platform's defaults for tasks that have none of
 // their own (settings command_timeout and command_max_retries).
 func SetDefaults(timeout time.Duration, maxRetries int) {
-	mu.Lock()
-	defer mu.Unlock()
 	if timeout > 0 {
-		defaultTimeout = timeout
+		defaultTimeout.Store(int64(timeout))
 	}
 	if maxRetries >= 0 {
-		defaultRetries = maxRetries
+		defaultRetries.Store(int64(maxRetries))
 	}
 }
 
@@ -230,7 +231,7 @@ func requiredFields(t reflect.Type) []string {
 		if name == "" {
 			name = f.Name
 		}
-		if !slices.Contains(strings.Split(opts, ","), "omitempty") && !slices.Contains(strings.Split(opts, ","), "omitzero") {
+		if flags := strings.Split(opts, ","); !slices.Contains(flags, "omitempty") && !slices.Contains(flags, "omitzero") {
 			out = append(out, name)
 		}
 	}

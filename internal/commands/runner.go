@@ -528,7 +528,7 @@ func (rep *reporter) Log(line string) {
 
 // startLocked starts the loop that writes the reports, once, unless the
 // reporter is closed (a handler's stray goroutine may report after it
-// returned: close then takes what it left). rep.mu is held.
+// returned: such a report is dropped). rep.mu is held.
 func (rep *reporter) startLocked() {
 	if !rep.started && !rep.closed {
 		rep.started = true

@@ -154,11 +154,7 @@ func TestPublishIsLiveInStreamOrder(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
 	topic := events.AgentTopic("live")
-	sub := rdb.Subscribe(ctx, b.Channel(topic))
-	defer sub.Close()
-	if _, err := sub.Receive(ctx); err != nil {
-		t.Fatal(err)
-	}
+	sub := subscribe(ctx, t, rdb, b, topic)
 	if got := b.TopicOf(b.Channel(topic)); got != topic {
 		t.Fatalf("TopicOf(Channel(%q)): got %q", topic, got)
 	}
@@ -170,6 +166,24 @@ func TestPublishIsLiveInStreamOrder(t *testing.T) {
 			t.Fatalf("live event %d: want id %s (the stream's), got %+v", i, ids[i], e)
 		}
 	}
+}
+
+// subscribe follows the live events of topics, from when it returns until
+// the test ends.
+func subscribe(ctx context.Context, t *testing.T, rdb *redis.Client, b *events.Bus, topics ...string) *redis.PubSub {
+	t.Helper()
+	channels := make([]string, len(topics))
+	for i, topic := range topics {
+		channels[i] = b.Channel(topic)
+	}
+	sub := rdb.Subscribe(ctx, channels...)
+	t.Cleanup(func() { sub.Close() })
+	for range topics {
+		if _, err := sub.Receive(ctx); err != nil { // the confirmations
+			t.Fatal(err)
+		}
+	}
+	return sub
 }
 
 // receive returns the next live event on sub and the channel it came on.
@@ -195,13 +209,7 @@ func TestPublishToSeveralTopicsIsLiveOnEach(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
 	topics := []string{events.CommandTopic("c9"), events.AgentTopic("a9"), events.UserTopic("u9")}
-	sub := rdb.Subscribe(ctx, b.Channel(topics[0]), b.Channel(topics[1]), b.Channel(topics[2]))
-	defer sub.Close()
-	for range topics {
-		if _, err := sub.Receive(ctx); err != nil {
-			t.Fatal(err)
-		}
-	}
+	sub := subscribe(ctx, t, rdb, b, topics...)
 	if err := b.Publish(ctx, "command.running", map[string]string{"id": "c9"}, topics...); err != nil {
 		t.Fatal(err)
 	}

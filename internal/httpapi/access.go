@@ -134,10 +134,7 @@ func (s *Server) keyRoutes(d Deps, agents AgentLoader) {
 
 // keyScope checks a requested scope against the creator's permissions.
 func keyScope(p *platform.Principal, requested []string) (platform.JSONList, error) {
-	if requested != nil && len(requested) == 0 {
-		return nil, platform.Invalid("invalid key scope", platform.FieldError{Field: "body.permissions", Message: "list at least one permission, or leave it out for your own"})
-	}
-	if requested == nil {
+	if requested == nil { // absent; an empty list fails the schema (minItems)
 		out := platform.JSONList{}
 		for _, perm := range p.Permissions {
 			out = append(out, perm.String())

@@ -87,6 +87,7 @@ func SetUnavailableClassifier(fn func(error) bool) { unavailable = fn }
 func problemFor(ctx context.Context, path string, err error) *Problem {
 	var perr *platform.Error
 	var p *Problem
+	bad := sqlq.BadInput(err)
 	switch {
 	case errors.As(err, &p):
 		cp := *p
@@ -103,10 +104,10 @@ func problemFor(ctx context.Context, path string, err error) *Problem {
 		case perr.Err != nil:
 			loggerFrom(ctx).InfoContext(ctx, "request refused", "code", perr.Code, "err", err)
 		}
-	case sqlq.BadInput(err) != nil:
+	case bad != nil:
 		// Data the database refused (a NUL character, a malformed value)
 		// that no check caught first: the client's to fix.
-		return problemFor(ctx, path, sqlq.BadInput(err))
+		return problemFor(ctx, path, bad)
 	case unavailable(err) || errors.Is(err, context.DeadlineExceeded):
 		loggerFrom(ctx).WarnContext(ctx, "dependency unavailable", "err", err)
 		p = &Problem{Status: http.StatusServiceUnavailable, Code: platform.EUNAVAILABLE, Detail: "a dependency is unavailable; retry shortly", retryAfter: 2}
