@@ -212,6 +212,11 @@ type Resource[T, In any] struct {
 	// AfterWrite runs inside the transaction after the statement, with the
 	// stored row (audit rows, dependent rows).
 	AfterWrite func(ctx context.Context, tx *sqlx.Tx, op Op, row *T) error
+	// AfterCommit runs once the write is committed: what must not happen
+	// for a write that may still roll back, or must see it (dropping
+	// cached facts that a concurrent reader would otherwise load again
+	// from before the commit, audit records).
+	AfterCommit func(ctx context.Context, op Op, row *T)
 }
 
 // Handle gives custom routes of a resource the framework's loaders, so they

@@ -217,7 +217,7 @@ func (r *resource[T, In]) create(ctx context.Context, input *createInput[In]) (*
 	if err := tx.Commit(); err != nil {
 		return nil, err
 	}
-	r.Notify(ctx, OpCreate, row)
+	r.committed(ctx, OpCreate, row)
 	return &CreatedOutput[T]{ETag: etag(b.Version), Location: r.Path + "/" + b.ID, Body: r.Render(ctx, row)}, nil
 }
 
@@ -236,6 +236,15 @@ func (r *resource[T, In]) insertColumns(row reflect.Value) []string {
 		}
 	}
 	return out
+}
+
+// committed tells the cache, the observers and AfterCommit of a write
+// that is committed.
+func (r *resource[T, In]) committed(ctx context.Context, op Op, row *T) {
+	r.Notify(ctx, op, row)
+	if r.AfterCommit != nil {
+		r.AfterCommit(ctx, op, row)
+	}
 }
 
 func (r *resource[T, In]) afterWrite(ctx context.Context, tx *sqlx.Tx, op Op, row *T) error {
@@ -433,7 +442,7 @@ func (r *resource[T, In]) write(ctx context.Context, id, ifMatch string, next fu
 	if err := tx.Commit(); err != nil {
 		return nil, err
 	}
-	r.Notify(ctx, OpUpdate, row)
+	r.committed(ctx, OpUpdate, row)
 	return &ItemOutput[T]{ETag: etag(any(row).(hasBase).Meta().Version), Body: r.Render(ctx, row)}, nil
 }
 
@@ -457,7 +466,7 @@ func (r *resource[T, In]) delete(ctx context.Context, input *deleteInput) (*stru
 	if err := tx.Commit(); err != nil {
 		return nil, err
 	}
-	r.Notify(ctx, OpDelete, row)
+	r.committed(ctx, OpDelete, row)
 	return nil, nil
 }
 
@@ -544,7 +553,7 @@ func (r *resource[T, In]) clear(ctx context.Context, in *clearInput) (*clearOutp
 		return nil, err
 	}
 	for _, row := range victims {
-		r.Notify(ctx, OpDelete, row)
+		r.committed(ctx, OpDelete, row)
 	}
 	out := &clearOutput{}
 	out.Body.Deleted = int64(len(victims))

@@ -601,6 +601,38 @@ func TestRealtimeRevokedAccessEndsTheSubscription(t *testing.T) {
 	}
 }
 
+// Removing a member from the organization ends their subscriptions to its
+// topics within seconds, on every replica: the cached facts are dropped
+// once the removal is committed, so the recheck cannot load the old
+// membership again.
+func TestRealtimeRemovedMemberLosesTheTopics(t *testing.T) {
+	t.Parallel()
+	s := NewStack(t, nil)
+	a, b := s.API(), s.API()
+	owner := s.Client(a).NewUser("owner")
+	agent := rtAgent(t, owner.Client)
+	const members = 4
+	conns := make([]*wsConn, members)
+	ids := make([]string, members)
+	for i := range members {
+		member := s.Client(b).NewUser(fmt.Sprintf("member%d", i))
+		ids[i] = owner.Must(201, "POST", "/v1/members", map[string]any{"email": member.Email, "role": "member"}).Str(t, "id")
+		in := member.As(member.Token, owner.Org)
+		conns[i] = wsDialWith(t, websocket.DefaultDialer, wsURL(b, "?ticket="+wsTicket(t, in)), nil)
+		conns[i].subscribe(events.AgentTopic(agent), "")
+	}
+	for i, c := range conns {
+		owner.Must(204, "DELETE", "/v1/members/"+ids[i], nil)
+		start := time.Now()
+		if ce, _ := c.closed(10 * time.Second); ce.Code != 4001 {
+			t.Fatalf("member %d: want close 4001, got %d %q", i, ce.Code, ce.Text)
+		}
+		if took := time.Since(start); took > 5*time.Second {
+			t.Fatalf("member %d: ended after %s; want within seconds", i, took)
+		}
+	}
+}
+
 // Logging out closes the session's WebSocket connections (4001) within
 // seconds, on every replica; another session's stay.
 func TestRealtimeLogoutClosesTheConnection(t *testing.T) {

@@ -563,11 +563,12 @@ func (s *Server) membershipRoutes(d Deps) {
 			return nil
 		},
 		BeforeDelete: func(ctx context.Context, tx *sqlx.Tx, m *Member) error { return keepAnOwner(ctx, tx, m) },
-		AfterWrite: func(ctx context.Context, tx *sqlx.Tx, op crud.Op, m *Member) error {
+		// After the commit: a reader that loaded the member's facts before
+		// it would cache the old membership again.
+		AfterCommit: func(ctx context.Context, op crud.Op, m *Member) {
 			d.Accounts.InvalidateUser(ctx, m.UserID)
 			d.Audit.Record(ctx, platform.AuditEvent{Action: "membership." + opName(op), ResourceType: "Membership", ResourceID: &m.ID, Outcome: "ok",
 				Details: platform.JSONObject{"user_id": m.UserID, "role_id": m.RoleID}})
-			return nil
 		},
 	})
 
@@ -622,14 +623,14 @@ func (s *Server) membershipRoutes(d Deps) {
 		},
 		AfterWrite: func(ctx context.Context, tx *sqlx.Tx, op crud.Op, r *Role) error {
 			if op == crud.OpDelete {
-				if err := d.Identity.DeleteEntity(ctx, tx, r.ID); err != nil {
-					return err
-				}
+				return d.Identity.DeleteEntity(ctx, tx, r.ID)
 			}
+			return nil
+		},
+		AfterCommit: func(ctx context.Context, op crud.Op, r *Role) {
 			d.Accounts.InvalidateAll(ctx)
 			d.Audit.Record(ctx, platform.AuditEvent{Action: "role." + opName(op), ResourceType: "Role", ResourceID: &r.ID, Outcome: "ok",
 				Details: platform.JSONObject{"name": r.Name, "permissions": []string(r.Permissions)}})
-			return nil
 		},
 	})
 }
