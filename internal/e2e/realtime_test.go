@@ -405,6 +405,58 @@ func TestRealtimeRefusesOtherTenantsTopics(t *testing.T) {
 	}
 }
 
+// A topic takes any spelling of an id and answers with the canonical one,
+// on which the events come; an API key follows user:me only with
+// Notification.read in its scope; a since after the topic's last event is
+// refused rather than left to hold back every live event.
+func TestRealtimeTopicRules(t *testing.T) {
+	t.Parallel()
+	s := NewStack(t, nil)
+	api := s.API()
+	s.Start("worker")
+	u := s.Client(api).NewUser("topics")
+	agent := rtAgent(t, u.Client)
+	topic := events.AgentTopic(agent)
+
+	c := wsDial(t, api, u.Token)
+	c.subscribe(topic, "")
+	plain := strings.ReplaceAll(agent, "-", "")
+	for _, spelling := range []string{strings.ToUpper(agent), "{" + agent + "}", "urn:uuid:" + agent, plain} {
+		c.send("subscribe", "agent:"+spelling, "")
+		if m := c.expect("subscribed", topic); string(m.Data) != `{"already":true}` {
+			t.Fatalf("agent:%s: want the canonical subscription, already there; got %s", spelling, m.Data)
+		}
+	}
+	id := rtDispatchSleep(t, u.Client, agent, 1, 1)
+	rtWaitCommand(t, u.Client, id, "succeeded")
+	got := c.until(topic, "command.succeeded")
+	if got[0].Type != "command.queued" {
+		t.Fatalf("want the command's events once each from queued, got %v", rtTypes(got))
+	}
+	last := got[len(got)-1].ID
+
+	// since: the last event is fine (nothing to replay), after it is not.
+	c2 := wsDial(t, api, u.Token)
+	c2.subscribe(topic, last)
+	for _, since := range []string{"9999999999999-0", strings.Split(last, "-")[0] + "-999"} {
+		c3 := wsDial(t, api, u.Token)
+		c3.send("subscribe", topic, since)
+		if m := c3.expect("error", topic); m.field("code") != "invalid" {
+			t.Fatalf("since %s: want invalid, got %s", since, m.Data)
+		}
+	}
+
+	narrow := u.Must(201, "POST", "/v1/api-keys", map[string]any{"name": "agents", "permissions": []string{"Agent.read"}}).Str(t, "key")
+	k := wsDial(t, api, narrow)
+	k.subscribe(topic, "")
+	k.send("subscribe", "user:me", "")
+	if m := k.expect("error", "user:me"); m.field("code") != "forbidden" {
+		t.Fatalf("user:me with a key without Notification.read: want forbidden, got %s", m.Data)
+	}
+	wide := u.Must(201, "POST", "/v1/api-keys", map[string]any{"name": "inbox", "permissions": []string{"Notification.read"}}).Str(t, "key")
+	wsDial(t, api, wide).subscribe("user:"+u.ID, "")
+}
+
 // A client that cannot keep up is cut off with 4008 and does not slow down
 // another on the same topic.
 func TestRealtimeSlowClientIsCutOff(t *testing.T) {

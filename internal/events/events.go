@@ -188,6 +188,15 @@ func (b *Bus) Since(ctx context.Context, topic, since string, limit int64) ([]Ev
 	return out, nil
 }
 
+// Last returns the id of the last event kept of topic, "" if none is.
+func (b *Bus) Last(ctx context.Context, topic string) (string, error) {
+	msgs, err := b.rdb.XRevRangeN(ctx, b.StreamKey(topic), "+", "-", 1).Result()
+	if err != nil || len(msgs) == 0 {
+		return "", err
+	}
+	return msgs[0].ID, nil
+}
+
 // ValidID reports whether s is a stream entry id (ms-seq).
 func ValidID(s string) bool {
 	ms, seq, ok := strings.Cut(s, "-")

@@ -33,11 +33,11 @@ type Realtime struct {
 // wsProtocol documents the WebSocket protocol in /docs.
 const wsProtocol = `Upgrade to a WebSocket. Authenticate with ?ticket= (from POST /v1/ws/ticket; single use, 30 s) or, outside browsers, an Authorization: Bearer header. A browser's Origin must be one of the allowed origins (403 otherwise); a bad ticket or token is 401.
 
-Client messages (JSON): {"type":"subscribe","topic":"agent:{id}" | "command:{id}" | "user:me","since":"<last event id seen>"} — since is optional and replays what was missed from the topic before live events; {"type":"unsubscribe","topic":…}; {"type":"ping"}.
+Client messages (JSON): {"type":"subscribe","topic":"agent:{id}" | "command:{id}" | "user:me","since":"<last event id seen>"} — since is optional and replays what was missed from the topic before live events (a since after the topic's last event is an error); {"type":"unsubscribe","topic":…}; {"type":"ping"}.
 
-Server messages all have type, topic, id and data: events ("command.queued", "command.running", "command.progress", "command.log", "command.retrying", "command.succeeded", "command.failed", "command.canceled", "notification", …) with their stream id; and "subscribed", "unsubscribed", "pong", "error" (data: code, message — a refused subscription is an error message, the socket stays open), "reconnect" (the server is going away: reconnect and resubscribe with since).
+Server messages all have type, topic, id and data: events ("command.queued", "command.running", "command.progress", "command.log", "command.cancel_requested", "command.retrying", "command.succeeded", "command.failed", "command.canceled", "notification", …) with their stream id; and "subscribed", "unsubscribed", "pong", "error" (data: code, message — a refused subscription is an error message, the socket stays open), "reconnect" (the server is going away: reconnect and resubscribe with since).
 
-Subscribing needs read access (Agent.read, Command.read); revoking that access, or the session, ends the subscription (or the connection, close code 4001) within seconds. A client too slow to keep up is closed with code 4008: reconnect and resubscribe with since. The server pings every 20 s.`
+A client message is at most 4 KiB. Subscribing needs read access (Agent.read, Command.read; user:me with an API key needs Notification.read in its scope); a topic's id may be spelled any way, "subscribed" names the canonical topic; revoking that access, or the session, ends the subscription (or the connection, close code 4001) within seconds. A client too slow to keep up is closed with code 4008: reconnect and resubscribe with since. The server pings every 20 s.`
 
 type ticketOutput struct {
 	CacheControl string `header:"Cache-Control"`
@@ -53,16 +53,22 @@ func (s *Server) realtimeRoutes(d Deps, res *Resources) {
 		kind, id, _ := strings.Cut(topic, ":")
 		switch kind {
 		case "user":
-			if id == "me" || id == p.ID {
-				return events.UserTopic(p.ID), nil
+			if id != "me" && id != p.ID {
+				return "", platform.Errorf(platform.ENOTFOUND, "you can only follow your own notifications (user:me)")
 			}
-			return "", platform.Errorf(platform.ENOTFOUND, "you can only follow your own notifications (user:me)")
+			// The topic carries notifications: an API key needs them in its
+			// scope, as GET /v1/notifications does.
+			if err := keyRequires(p, "Notification", "read"); err != nil {
+				return "", err
+			}
+			return events.UserTopic(p.ID), nil
 		case "agent", "command":
-			if uuid.Validate(id) != nil {
+			// Any spelling of an id names the same topic: the canonical one.
+			parsed, err := uuid.Parse(id)
+			if err != nil {
 				return "", platform.Errorf(platform.EINVALID, "%s topics are %s:{id}", kind, kind)
 			}
-			id = strings.ToLower(id)
-			var err error
+			id = parsed.String()
 			if kind == "agent" {
 				_, _, err = res.Agents.Get(ctx, id, crud.ActionRead)
 			} else {

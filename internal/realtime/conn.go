@@ -153,6 +153,21 @@ func (c *conn) handleSubscribe(ctx context.Context, m clientMessage) {
 		c.reply(ctx, "error", m.Topic, map[string]string{"code": platform.ErrorCode(err), "message": platform.ErrorMessage(err)})
 		return
 	}
+	if m.Since != "" {
+		// A since after the topic's last event would hold back every live
+		// event until one passed it: refuse it. On a topic with no events
+		// kept, there is nothing to replay nor to hold back.
+		last, err := c.g.Events.Last(ctx, topic)
+		switch {
+		case err != nil:
+			c.g.Logger.Warn("last event id not read", "topic", topic, "err", err)
+		case last == "":
+			m.Since = ""
+		case compareIDs(m.Since, last) > 0:
+			c.reply(ctx, "error", topic, map[string]string{"code": "invalid", "message": "since is after the last event of this topic (" + last + ")"})
+			return
+		}
+	}
 	c.mu.Lock()
 	if _, ok := c.subs[topic]; ok {
 		c.mu.Unlock()
