@@ -17,6 +17,7 @@ import (
 
 	"github.com/hibiken/asynq"
 
+	"github.com/agentry/agentry/internal/access"
 	"github.com/agentry/agentry/internal/app"
 	"github.com/agentry/agentry/internal/cache"
 	"github.com/agentry/agentry/internal/commands"
@@ -25,6 +26,8 @@ import (
 	"github.com/agentry/agentry/internal/events"
 	"github.com/agentry/agentry/internal/metrics"
 	"github.com/agentry/agentry/internal/notify"
+	"github.com/agentry/agentry/internal/platform"
+	"github.com/agentry/agentry/internal/postgres"
 	"github.com/agentry/agentry/internal/schedule"
 	"github.com/agentry/agentry/tasks"
 )
@@ -86,7 +89,13 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 		Retention:  s.CommandRetention,
 		OnFinish:   notifications.CommandFinished,
 	}
-	firer := &schedule.Firer{DB: db, Dispatcher: dispatcher, Logger: logger, Metrics: schedMetrics, Tick: time.Second}
+	identity := &postgres.IdentityStore{DB: db}
+	firer := &schedule.Firer{DB: db, Dispatcher: dispatcher, Logger: logger, Metrics: schedMetrics, Tick: time.Second,
+		// A fire time runs in its owner's name: only while they may
+		// still command the agent, as their own dispatch would.
+		MayCommand: func(ctx context.Context, userID string, agent platform.ResourceRef) (bool, error) {
+			return access.UserMay(ctx, db, identity, userID, platform.AgentScope, "command", agent)
+		}}
 	leader := schedule.NewLeader(rdb, s.RedisPrefix, 10*time.Second, logger)
 	leader.OnChange = func(leading bool, epoch int64) {
 		if leading {

@@ -3,6 +3,7 @@ package access
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"strings"
 
 	"github.com/jmoiron/sqlx"
@@ -155,4 +156,37 @@ func DenialCode(reason string) string {
 		return code
 	}
 	return "other"
+}
+
+// UserMay decides whether user, acting in ref's organization, may do action
+// on ref now, as a request of theirs would be decided (membership, roles,
+// permissions, ACL entries): for work a user set up to run later in their
+// name, such as a schedule's fire times, which must stop when their access
+// does. A user who is gone, disabled or no longer a member may not.
+func UserMay(ctx context.Context, db sqlx.QueryerContext, store Store, userID string, s platform.Scope, action string, ref platform.ResourceRef) (bool, error) {
+	f, err := store.Facts(ctx, userID, ref.OrgID)
+	if platform.ErrorCode(err) == platform.ENOTFOUND {
+		return false, nil
+	}
+	if err != nil {
+		return false, err
+	}
+	p, err := userPrincipal(f, ref.OrgID)
+	if err != nil {
+		var authErr *AuthError
+		if errors.As(err, &authErr) {
+			return false, nil
+		}
+		return false, err
+	}
+	var entries []platform.ACLEntry
+	// The entries of ref's organization on ref or its whole type naming the
+	// user, their roles or their organization.
+	err = sqlx.SelectContext(ctx, db, &entries, `SELECT id, org_id, resource_type, COALESCE(resource_id::text, '') AS resource_id, action, principal_id, effect
+		FROM acl_entries WHERE org_id = $1 AND resource_type = $2 AND (resource_id IS NULL OR resource_id = $3) AND principal_id = ANY($4::uuid[])`,
+		ref.OrgID, s.Type, ref.ID, pq.Array(p.Subjects()))
+	if err != nil {
+		return false, err
+	}
+	return Decide(p, s, action, &ref, entries).Allowed, nil
 }

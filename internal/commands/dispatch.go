@@ -263,6 +263,18 @@ func (d *Dispatcher) Retry(ctx context.Context, c *platform.Command) (*platform.
 	if c.Status != platform.CommandFailed {
 		return nil, platform.Errorf(platform.ECONFLICT, "only a failed command can be retried; this one is %s", c.Status)
 	}
+	// A retry runs again on the agent as it is now: as a dispatch would be,
+	// it is refused by a disabled agent or one that no longer allows the task.
+	agent, err := d.Store.Agent(ctx, c.AgentID)
+	if err != nil {
+		return nil, err
+	}
+	if agent.Status == platform.AgentDisabled {
+		return nil, platform.Errorf(platform.ECONFLICT, "the agent is disabled; enable it first")
+	}
+	if allowed, ok := agent.Config["allowed_tasks"].([]any); ok && !containsString(allowed, c.Task) {
+		return nil, platform.Errorf(platform.ECONFLICT, "the agent's config no longer allows %s", c.Task)
+	}
 	out, err := d.Store.Retry(ctx, c.ID)
 	if err != nil {
 		return nil, err

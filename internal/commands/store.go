@@ -508,7 +508,7 @@ func (s *Store) Progress(ctx context.Context, id string, attempt, percent int, m
 	// Updates the progress of the held attempt and records the event;
 	// returns how many commands changed (0 or 1).
 	err := s.get(ctx, &n, `WITH done AS (
-			UPDATE commands SET progress = $3, message = $4, updated_at = now()
+			UPDATE commands SET progress = $3, message = $4, updated_at = now(), version = version + 1
 			WHERE id = $1 AND attempt = $2 AND status = 'running' RETURNING id, status, attempt, progress, message),
 		ev AS (INSERT INTO command_events (command_id, type, status, attempt, progress, message, data)
 			SELECT id, $5, status, attempt, progress, message, $6::jsonb FROM done)
@@ -624,6 +624,16 @@ func (s *Store) Events(ctx context.Context, id string, after int64, limit int) (
 	err := s.DB.SelectContext(ctx, &out, `SELECT id, command_id, type, status, attempt, progress, message, data, created_at
 		FROM command_events WHERE command_id = $1 AND id > $2 ORDER BY id LIMIT $3`, id, after, limit)
 	return out, err
+}
+
+// Agent returns an agent's status and config as they are now.
+func (s *Store) Agent(ctx context.Context, id string) (*platform.Agent, error) {
+	a := &platform.Agent{}
+	err := s.DB.GetContext(ctx, a, `SELECT id, org_id, status, config FROM agents WHERE id = $1`, id)
+	if errors.Is(err, sql.ErrNoRows) {
+		return nil, platform.Errorf(platform.ENOTFOUND, "agent not found")
+	}
+	return a, err
 }
 
 // Environment returns an environment's variables and sealed secrets.

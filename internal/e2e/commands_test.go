@@ -25,6 +25,7 @@ type command struct {
 	Status            string          `json:"status"`
 	Attempt           int             `json:"attempt"`
 	Failures          int             `json:"failures"`
+	TimeoutS          int             `json:"timeout_s"`
 	Progress          int             `json:"progress"`
 	Error             *string         `json:"error"`
 	Result            json.RawMessage `json:"result"`

@@ -175,3 +175,77 @@ func TestScheduleRefused(t *testing.T) {
 		t.Fatalf("want the one valid schedule stored, got %d", len(page.Items))
 	}
 }
+
+// A schedule runs in its owner's name: only what they may still do, on an
+// agent that allows it, as their own dispatch would. Created disabled, it
+// stays disabled; its commands take the agent's command timeout. A failed
+// command is retried only on an agent that is enabled.
+func TestScheduleRunsOnlyAsItsOwnerMay(t *testing.T) {
+	t.Parallel()
+	s := NewStack(t, nil)
+	api := s.API()
+	s.Start("worker")
+	s.Start("scheduler")
+	owner := s.Client(api).NewUser("schedowner")
+	member := s.Client(api).NewUser("schedmember")
+	membership := owner.Must(201, "POST", "/v1/members", map[string]any{"email": member.Email, "role": "member"}).Str(t, "id")
+	m := member.As(member.Token, owner.Org)
+	agent := cmdAgent(t, owner.Client, map[string]any{"allowed_tasks": []string{"agent:echo"}, "command_timeout_s": 7, "max_concurrency": 5})
+
+	body := map[string]any{"agent_id": agent, "task": "agent:echo", "payload": map[string]any{"message": "x"}, "cron": "@every 1s", "enabled": false}
+	r := m.Must(201, "POST", "/v1/schedules", body).JSON(t)
+	id := r["id"].(string)
+	if r["enabled"] != false || r["next_run_at"] != nil {
+		t.Fatalf("created disabled: want enabled false and no next run, got %v", r)
+	}
+	if got := m.Must(200, "GET", "/v1/schedules/"+id, nil).JSON(t); got["enabled"] != false {
+		t.Fatalf("stored: want enabled false, got %v", got)
+	}
+	sleep := map[string]any{"agent_id": agent, "task": "agent:sleep", "payload": map[string]any{"milliseconds": 1}, "cron": "@every 1s"}
+	if r := m.Do("POST", "/v1/schedules", sleep); r.Status != 400 || !slices.Contains(problemFields(t, r), "body.task") {
+		t.Fatalf("a task the agent does not allow: want 400 naming body.task, got %d: %s", r.Status, r.Body)
+	}
+
+	m.Must(200, "PATCH", "/v1/schedules/"+id, map[string]any{"enabled": true})
+	Eventually(t, 15*time.Second, "a fire", func() bool { return len(scheduledCommands(t, m, id)) >= 1 })
+	if c := scheduledCommands(t, m, id)[0]; c.TimeoutS != 7 {
+		t.Fatalf("a fired command: want the agent's timeout 7 s, got %d", c.TimeoutS)
+	}
+
+	// The member becomes a viewer: they may no longer command the agent,
+	// and neither may their schedule.
+	owner.Must(200, "PATCH", "/v1/members/"+membership, map[string]any{"role": "viewer"})
+	if r := m.Do("POST", "/v1/agents/"+agent+"/commands", echo("direct")); r.Status != 403 {
+		t.Fatalf("a viewer's dispatch: want 403, got %d", r.Status)
+	}
+	time.Sleep(1500 * time.Millisecond) // a fire already under way may land
+	fired := len(scheduledCommands(t, owner.Client, id))
+	time.Sleep(2500 * time.Millisecond)
+	if n := len(scheduledCommands(t, owner.Client, id)); n != fired {
+		t.Fatalf("the viewer's schedule fired %d more times", n-fired)
+	}
+
+	// The owner narrows the agent's tasks: their own echo schedule, made
+	// before, stops too.
+	mine := owner.Must(201, "POST", "/v1/schedules", map[string]any{"agent_id": agent, "task": "agent:echo", "payload": map[string]any{"message": "y"}, "cron": "@every 1s"}).Str(t, "id")
+	Eventually(t, 15*time.Second, "the owner's schedule fires", func() bool { return len(scheduledCommands(t, owner.Client, mine)) >= 1 })
+	owner.Must(200, "PATCH", "/v1/agents/"+agent, map[string]any{"params": map[string]any{"allowed_tasks": []string{"agent:sleep"}}})
+	time.Sleep(1500 * time.Millisecond)
+	fired = len(scheduledCommands(t, owner.Client, mine))
+	time.Sleep(2500 * time.Millisecond)
+	if n := len(scheduledCommands(t, owner.Client, mine)); n != fired {
+		t.Fatalf("a schedule of a task the agent no longer allows fired %d more times", n-fired)
+	}
+
+	// Retry runs again on the agent as it is now.
+	other := cmdAgent(t, owner.Client, nil)
+	failed := cmdDispatch(t, owner.Client, other, map[string]any{"task": "http:request", "payload": map[string]any{"url": "http://127.0.0.1:1/"}, "max_retries": 0})
+	cmdWaitStatus(t, owner.Client, failed.ID, "failed", 20*time.Second)
+	owner.Must(200, "POST", "/v1/agents/"+other+"/disable", nil)
+	if r := owner.Do("POST", "/v1/commands/"+failed.ID+"/retry", nil); r.Status != 409 {
+		t.Fatalf("retry on a disabled agent: want 409, got %d: %s", r.Status, r.Body)
+	}
+	if c := cmdGet(t, owner.Client, failed.ID); c.Status != "failed" {
+		t.Fatalf("a refused retry changed the command: %s", c.Status)
+	}
+}

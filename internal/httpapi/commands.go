@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"net/http"
+	"slices"
 	"time"
 
 	"github.com/danielgtaylor/huma/v2"
@@ -157,7 +158,7 @@ func (s *Server) commandRoutes(d Deps, res *Resources) {
 		})
 
 	huma.Register(s.API, s.op(http.MethodPost, "/v1/commands/{id}/retry", "retry-command", "Commands", "Retry a failed command",
-		"Puts a failed command back in its agent's backlog with its retries renewed. Needs `Command.retry`; only failed commands (409 otherwise).",
+		"Puts a failed command back in its agent's backlog with its retries renewed. Needs `Command.retry`; only failed commands, on an agent that is enabled and still allows the task (409 otherwise).",
 		http.StatusOK, true, http.StatusNotFound, http.StatusForbidden, http.StatusConflict),
 		func(ctx context.Context, in *commandIDInput) (*commandOutput, error) {
 			c, _, err := res.Commands.Get(ctx, in.ID, "retry")
@@ -276,7 +277,7 @@ type ScheduleInput struct {
 }
 
 func (s *Server) scheduleRoutes(d Deps, res *Resources) {
-	configure := func(ctx context.Context, in *ScheduleInput, sc *schedule.Schedule, agentChanged bool) error {
+	configure := func(ctx context.Context, in *ScheduleInput, sc *schedule.Schedule, agentChanged, taskChanged bool) error {
 		if sc.Timezone == "" {
 			sc.Timezone = "UTC"
 		}
@@ -308,7 +309,7 @@ func (s *Server) scheduleRoutes(d Deps, res *Resources) {
 		if len(bad) > 0 {
 			return platform.Invalid("invalid schedule", bad...)
 		}
-		if agentChanged {
+		if agentChanged || taskChanged {
 			a, _, err := res.Agents.Get(ctx, sc.AgentID, "command")
 			if platform.ErrorCode(err) == platform.ENOTFOUND {
 				return platform.Invalid("unknown agent", platform.FieldError{Field: "body.agent_id", Message: "no agent you can command has this id"})
@@ -318,6 +319,9 @@ func (s *Server) scheduleRoutes(d Deps, res *Resources) {
 			}
 			if a.OrgID != sc.OrgID {
 				return platform.Invalid("unknown agent", platform.FieldError{Field: "body.agent_id", Message: "no agent you can command has this id"})
+			}
+			if allowed, ok := a.Config["allowed_tasks"].([]any); ok && !slices.Contains(allowed, any(sc.Task)) {
+				return platform.Invalid("task not allowed", platform.FieldError{Field: "body.task", Message: "this agent's config does not allow " + sc.Task})
 			}
 		}
 		if sc.Enabled {
@@ -335,10 +339,10 @@ func (s *Server) scheduleRoutes(d Deps, res *Resources) {
 		Filters:     []crud.Filter{{Param: "agent_id", Column: "agent_id"}, {Param: "enabled", Column: "enabled"}, {Param: "task", Column: "task"}},
 		BeforeCreate: func(ctx context.Context, tx *sqlx.Tx, in *ScheduleInput, sc *schedule.Schedule) error {
 			sc.Enabled = true
-			return configure(ctx, in, sc, true)
+			return configure(ctx, in, sc, true, true)
 		},
 		BeforeUpdate: func(ctx context.Context, tx *sqlx.Tx, in *ScheduleInput, old, sc *schedule.Schedule) error {
-			if err := configure(ctx, in, sc, sc.AgentID != old.AgentID); err != nil {
+			if err := configure(ctx, in, sc, sc.AgentID != old.AgentID, sc.Task != old.Task); err != nil {
 				return err
 			}
 			if sc.Enabled && old.Enabled && sc.Cron == old.Cron && sc.Timezone == old.Timezone && old.NextRunAt != nil {

@@ -21,7 +21,7 @@ import (
 // Scopes of the platform's resource types (the seed's @scope): superadmins
 // administer every ACL and are always allowed.
 var (
-	AgentScope       = platform.Scope{Type: "Agent", ACLAdmins: []string{platform.RoleSuperadmin}, AllowAlways: []string{platform.RoleSuperadmin}}
+	AgentScope       = platform.AgentScope
 	TemplateScope    = platform.Scope{Type: "Template", ACLAdmins: []string{platform.RoleSuperadmin}, AllowAlways: []string{platform.RoleSuperadmin}}
 	EnvironmentScope = platform.Scope{Type: "Environment", ACLAdmins: []string{platform.RoleSuperadmin}, AllowAlways: []string{platform.RoleSuperadmin}}
 )

@@ -131,6 +131,10 @@ type ACLEntry struct {
 	Effect       string `json:"effect" db:"effect"`
 }
 
+// AgentScope is the access scope of agents: superadmins administer every
+// ACL and are always allowed.
+var AgentScope = Scope{Type: "Agent", ACLAdmins: []string{RoleSuperadmin}, AllowAlways: []string{RoleSuperadmin}}
+
 // ResourceRef is what an access decision needs to know of a resource.
 type ResourceRef struct {
 	Type    string

@@ -100,7 +100,11 @@ type Firer struct {
 	Metrics    Metrics
 	// Tick is how often due schedules are looked for.
 	Tick time.Duration
-	now  func() time.Time
+	// MayCommand, if set, decides whether a schedule's owner may still
+	// command its agent (role, permissions, ACL entries): a fire time whose
+	// owner may not is skipped, as a dispatch of theirs would be refused.
+	MayCommand func(ctx context.Context, userID string, agent platform.ResourceRef) (bool, error)
+	now        func() time.Time
 
 	stopOnce sync.Once
 	cancel   context.CancelFunc
@@ -194,7 +198,7 @@ func (f *Firer) FireDue(ctx context.Context) (int, error) {
 		fire, next, missed, err := plan(s, now)
 		if err != nil {
 			f.Logger.WarnContext(ctx, "schedule cannot fire; disabling it", "schedule_id", s.ID, "err", err)
-			if _, err := tx.ExecContext(ctx, "UPDATE schedules SET enabled = false, updated_at = now() WHERE id = $1", s.ID); err != nil {
+			if _, err := tx.ExecContext(ctx, "UPDATE schedules SET enabled = false, updated_at = now(), version = version + 1 WHERE id = $1", s.ID); err != nil {
 				return 0, err
 			}
 			continue
@@ -213,7 +217,7 @@ func (f *Firer) FireDue(ctx context.Context) (int, error) {
 		if len(fire) > 0 {
 			last = &fire[len(fire)-1]
 		}
-		if _, err := tx.ExecContext(ctx, "UPDATE schedules SET next_run_at = $2, last_run_at = $3, updated_at = now() WHERE id = $1", s.ID, next, last); err != nil {
+		if _, err := tx.ExecContext(ctx, "UPDATE schedules SET next_run_at = $2, last_run_at = $3, updated_at = now(), version = version + 1 WHERE id = $1", s.ID, next, last); err != nil {
 			return 0, err
 		}
 	}
@@ -235,23 +239,49 @@ func (f *Firer) FireDue(ctx context.Context) (int, error) {
 }
 
 // command inserts the command of one fire time, unless that time already
-// fired (the unique key on schedule and fire time) or the schedule's owner
-// no longer belongs to the organization or the agent is disabled.
+// fired (the unique key on schedule and fire time), or its owner may no
+// longer command the agent (not a member, a role or an ACL entry that
+// refuses it), or the agent is disabled or does not allow the task. The
+// command takes the agent's command_timeout_s, as a dispatch does.
 func (f *Firer) command(ctx context.Context, tx *sqlx.Tx, s *Schedule, at time.Time) (*platform.Command, error) {
 	def, ok := tasks.Lookup(s.Task)
 	if !ok {
 		f.Logger.WarnContext(ctx, "schedule names an unknown task; skipped", "schedule_id", s.ID, "task", s.Task)
 		return nil, nil
 	}
+	if f.MayCommand != nil {
+		var agentOwner string
+		err := tx.GetContext(ctx, &agentOwner, "SELECT owner_id FROM agents WHERE id = $1", s.AgentID)
+		if errors.Is(err, sql.ErrNoRows) {
+			return nil, nil
+		}
+		if err != nil {
+			return nil, err
+		}
+		ok, err := f.MayCommand(ctx, s.OwnerID, platform.ResourceRef{Type: platform.AgentScope.Type, ID: s.AgentID, OrgID: s.OrgID, OwnerID: agentOwner})
+		if err != nil {
+			return nil, err
+		}
+		if !ok {
+			f.Logger.WarnContext(ctx, "the schedule's owner may no longer command its agent; fire time skipped", "schedule_id", s.ID, "owner_id", s.OwnerID, "fire_time", at)
+			return nil, nil
+		}
+	}
 	payload, _ := json.Marshal(map[string]any(s.Payload))
 	c := &platform.Command{}
-	// Inserts the fire time's command if the owner is still a member and the
-	// agent enabled; does nothing if this fire time already fired.
+	// Inserts the fire time's command if the owner is still a member, the
+	// agent enabled and its allowed_tasks (if any) name the task; does
+	// nothing if this fire time already fired.
 	err := tx.GetContext(ctx, c, `WITH done AS (
 			INSERT INTO commands (id, org_id, owner_id, agent_id, task, payload, timeout_s, max_retries, schedule_id, fire_time)
-			SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10
-			WHERE EXISTS (SELECT 1 FROM memberships m WHERE m.org_id = $2 AND m.user_id = $3)
-			  AND EXISTS (SELECT 1 FROM agents a WHERE a.id = $4 AND a.status <> 'disabled')
+			SELECT $1, $2, $3, $4, $5, $6,
+				CASE WHEN jsonb_typeof(a.config->'command_timeout_s') = 'number' AND (a.config->>'command_timeout_s')::numeric >= 1
+					THEN LEAST(floor((a.config->>'command_timeout_s')::numeric), 2147483647)::integer ELSE $7 END,
+				$8, $9, $10
+			FROM agents a
+			WHERE a.id = $4 AND a.org_id = $2 AND a.status <> 'disabled'
+			  AND (jsonb_typeof(a.config->'allowed_tasks') IS DISTINCT FROM 'array' OR a.config->'allowed_tasks' ? $5)
+			  AND EXISTS (SELECT 1 FROM memberships m WHERE m.org_id = $2 AND m.user_id = $3)
 			ON CONFLICT DO NOTHING
 			RETURNING *),
 		ev AS (INSERT INTO command_events (command_id, type, status, data)

@@ -174,8 +174,8 @@ var discard = slog.New(slog.NewTextHandler(io.Discard, nil))
 func (f *firerFixture) schedule(t *testing.T, cron string, next time.Time) string {
 	t.Helper()
 	id := uuid.NewString()
-	_, err := f.db.Exec(`INSERT INTO schedules (id, org_id, owner_id, agent_id, task, payload, cron, next_run_at)
-		VALUES ($1, $2, $3, $4, 'agent:echo', '{"message":"tick"}', $5, $6)`, id, f.org, f.user, f.agent, cron, next)
+	_, err := f.db.Exec(`INSERT INTO schedules (id, org_id, owner_id, agent_id, task, payload, cron, next_run_at, enabled)
+		VALUES ($1, $2, $3, $4, 'agent:echo', '{"message":"tick"}', $5, $6, true)`, id, f.org, f.user, f.agent, cron, next)
 	if err != nil {
 		t.Fatal(err)
 	}
