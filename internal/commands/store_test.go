@@ -277,6 +277,14 @@ func TestFinishFencing(t *testing.T) {
 	if ok, err := f.store.Progress(ctx, c.ID, 1, 50, "stale", nil); err != nil || ok {
 		t.Fatalf("a stale worker's progress: want refused, got %v, err %v", ok, err)
 	}
+	// The holder's progress is a change: the version (the ETag) moves.
+	before := f.get(c.ID).Version
+	if ok, err := f.store.Progress(ctx, c.ID, 2, 50, "half", nil); err != nil || !ok {
+		t.Fatalf("the holder's progress: want recorded, got %v, err %v", ok, err)
+	}
+	if after := f.get(c.ID).Version; after != before+1 {
+		t.Fatalf("progress: version %d, then %d; want it bumped", before, after)
+	}
 	done := f.finish(c.ID, 2, succeeded)
 	if done.Status != platform.CommandSucceeded || done.Attempt != 2 || done.Failures != 1 || done.Progress != 100 || done.FinishedAt == nil {
 		t.Fatalf("want succeeded at attempt 2 after 1 failure, got %s attempt %d failures %d progress %d", done.Status, done.Attempt, done.Failures, done.Progress)

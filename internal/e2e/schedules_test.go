@@ -211,6 +211,10 @@ func TestScheduleRunsOnlyAsItsOwnerMay(t *testing.T) {
 	if c := scheduledCommands(t, m, id)[0]; c.TimeoutS != 7 {
 		t.Fatalf("a fired command: want the agent's timeout 7 s, got %d", c.TimeoutS)
 	}
+	// A fire moves next_run_at and last_run_at: a change, with a new ETag.
+	if v := m.Must(200, "GET", "/v1/schedules/"+id, nil).JSON(t)["version"].(float64); v < 3 {
+		t.Fatalf("after create, enable and a fire: version %v, want at least 3", v)
+	}
 
 	// The member becomes a viewer: they may no longer command the agent,
 	// and neither may their schedule.
