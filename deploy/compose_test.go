@@ -199,6 +199,27 @@ func TestComposeStartOrder(t *testing.T) {
 	if f.Services["migrate"].DependsOn["postgres"].Condition != "service_healthy" {
 		t.Error("migrate: does not wait for postgres to be healthy")
 	}
+	// Everything that connects to Redis at start waits for it: a one-shot
+	// that fails once never runs again.
+	for name, s := range f.Services {
+		if isAgentry(s) && name != "migrate" && s.DependsOn["redis"].Condition != "service_healthy" {
+			t.Errorf("%s: does not wait for redis to be healthy", name)
+		}
+	}
+}
+
+// TestComposePublishesOnLoopback: the stack runs with development secrets
+// and default passwords, so it is reachable from this machine only, unless
+// AGENTRY_BIND says otherwise.
+func TestComposePublishesOnLoopback(t *testing.T) {
+	f := loadCompose(t)
+	for name, s := range f.Services {
+		for _, p := range s.Ports {
+			if !strings.HasPrefix(p, "${AGENTRY_BIND:-127.0.0.1}:") {
+				t.Errorf("%s: port %q is published on every interface", name, p)
+			}
+		}
+	}
 }
 
 func TestComposeWorkerScales(t *testing.T) {

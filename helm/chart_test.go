@@ -181,7 +181,7 @@ config:
   egressAllowCidrs: [10.20.0.0/16]
   adminEmail: admin@example.com
   shutdownTimeoutSeconds: 120
-  extra: {AGENTRY_COMMAND_TIMEOUT: 10m, AGENTRY_DB_MAX_OPEN_CONNS: 40}
+  extra: {AGENTRY_COMMAND_TIMEOUT: 10m, AGENTRY_DB_MAX_OPEN_CONNS: 40, AGENTRY_MAX_BODY_BYTES: 2097152, AGENTRY_EVENT_STREAM_MAX_LEN: 5000000}
 secrets:
   databaseUrl: postgres://agentry:pw@db:5432/agentry?sslmode=require
   redisUrl: rediss://:pw@redis:6379/0
@@ -565,6 +565,13 @@ var binaryAddr = map[string]string{
 func checkDeployments(t *testing.T, r *release) {
 	t.Helper()
 	settings := r.settings(t)
+	for name, v := range settings {
+		// Numbers are written as the settings read them: a value file's
+		// large whole numbers must not turn into 2.097152e+06.
+		if strings.ContainsAny(v, "eE") && strings.ContainsAny(v, "+-") && strings.IndexFunc(v, func(r rune) bool { return r >= '0' && r <= '9' }) == 0 {
+			t.Errorf("ConfigMap %s = %q: a number in scientific notation, which no setting reads", name, v)
+		}
+	}
 	drain, err := time.ParseDuration(settings["AGENTRY_SHUTDOWN_TIMEOUT"])
 	if err != nil {
 		t.Fatalf("AGENTRY_SHUTDOWN_TIMEOUT: %v", err)

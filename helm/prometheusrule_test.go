@@ -25,7 +25,14 @@ var chartOnlyAlerts = []string{"AgentryQueueBacklog"}
 // thresholds and returns its alerts by name.
 func renderRules(t *testing.T) map[string]Rule {
 	t.Helper()
-	r, err := render(t, renderCase{name: "rules", values: `metrics: {prometheusRule: {enabled: true}}`})
+	return renderRulesWith(t, `metrics: {prometheusRule: {enabled: true}}`)
+}
+
+// renderRulesWith renders the chart's PrometheusRule with values and
+// returns its alerts by name.
+func renderRulesWith(t *testing.T, values string) map[string]Rule {
+	t.Helper()
+	r, err := render(t, renderCase{name: "rules", values: values})
 	if err != nil {
 		t.Fatalf("render: %v", err)
 	}
@@ -184,5 +191,31 @@ func TestPrometheusRulePromtool(t *testing.T) {
 		if err := cmd.Run(); err != nil {
 			t.Errorf("promtool check rules: %v\n%s\n%s", err, out.String(), data)
 		}
+	}
+}
+
+// Workers scaled to zero when idle are no outage: AgentryWorkersDown then
+// fires only while tasks wait. Command failures the scheduler's reconciler
+// records (a worker lost with no retries left) count too.
+func TestRulesFollowTheDeployment(t *testing.T) {
+	down := func(values string) string {
+		rule, ok := renderRulesWith(t, values)["AgentryWorkersDown"]
+		if !ok {
+			t.Fatal("no AgentryWorkersDown")
+		}
+		unscoped(t, "AgentryWorkersDown", rule.Expr.String()) // parses
+		return rule.Expr.String()
+	}
+	if expr := down(`metrics: {prometheusRule: {enabled: true}}`); strings.Contains(expr, "agentry_queue_tasks") {
+		t.Errorf("fixed workers: want any absence alerted, got %s", expr)
+	}
+	toZero := `{metrics: {prometheusRule: {enabled: true}}, worker: {autoscaling: {enabled: true, kind: keda, minReplicas: 0}}}`
+	if expr := down(toZero); !strings.Contains(expr, "agentry_queue_tasks{job=") || !strings.Contains(expr, `state="pending"`) {
+		t.Errorf("workers scaled to zero: want the alert to need pending tasks, got %s", expr)
+	}
+	rule := renderRules(t)["AgentryCommandsFailing"]
+	failing := rule.Expr.String()
+	if !strings.Contains(failing, "-scheduler") {
+		t.Errorf("AgentryCommandsFailing leaves out the scheduler's outcomes: %s", failing)
 	}
 }

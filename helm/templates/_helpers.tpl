@@ -127,7 +127,13 @@ environment variables: the data of the ConfigMaps.
 {{- $_ := set $data "AGENTRY_ADMIN_EMAIL" . }}
 {{- end }}
 {{- range $name, $value := $c.extra }}
+{{- /* A values file's numbers are floats: a whole one is written as an
+integer (toString would write 2097152 as 2.097152e+06, which no setting reads). */}}
+{{- if and (kindIs "float64" $value) (eq $value (floor $value)) }}
+{{- $_ := set $data $name (printf "%d" (int64 $value)) }}
+{{- else }}
 {{- $_ := set $data $name (toString $value) }}
+{{- end }}
 {{- end }}
 {{- toYaml $data }}
 {{- end }}
