@@ -238,6 +238,7 @@ func serve(ctx context.Context, s config.Settings, stdout io.Writer, logger *slo
 		TrustedProxies: s.TrustedProxies,
 		Authenticator:  svc.authn,
 		OnAuthFailure:  accessMetrics.AuthFailure,
+		PublicURL:      s.PublicURL,
 		Ready: []httpapi.ReadyCheck{
 			{Name: "postgres", Check: db.PingContext},
 			{Name: "redis", Check: func(ctx context.Context) error { return svc.rdb.Ping(ctx).Err() }},

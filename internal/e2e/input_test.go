@@ -265,12 +265,16 @@ func TestTaskSchemasAreJSONSchema(t *testing.T) {
 
 // TestOpenAPIDocumentsTheOrganizationHeader: X-Org-ID, which every
 // authenticated operation reads, is a documented parameter of each, and the
-// idempotent replay of a dispatch (200) is documented.
+// idempotent replay of a dispatch (200) is documented; its server is the
+// public URL.
 func TestOpenAPIDocumentsTheOrganizationHeader(t *testing.T) {
 	t.Parallel()
-	s := NewStack(t, nil)
+	s := NewStack(t, map[string]string{"AGENTRY_PUBLIC_URL": "https://agentry.example.com/"})
 	c := s.Client(s.API())
 	var doc struct {
+		Servers []struct {
+			URL string `json:"url"`
+		} `json:"servers"`
 		Paths map[string]map[string]struct {
 			Security   []any            `json:"security"`
 			Parameters []map[string]any `json:"parameters"`
@@ -279,6 +283,9 @@ func TestOpenAPIDocumentsTheOrganizationHeader(t *testing.T) {
 	}
 	if err := json.Unmarshal(c.Must(200, "GET", "/openapi.json", nil).Body, &doc); err != nil {
 		t.Fatal(err)
+	}
+	if len(doc.Servers) != 1 || doc.Servers[0].URL != "https://agentry.example.com" {
+		t.Errorf("servers %+v, want the public URL", doc.Servers)
 	}
 	secured := 0
 	for path, ops := range doc.Paths {

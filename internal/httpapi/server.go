@@ -13,6 +13,7 @@ import (
 	"log/slog"
 	"net/http"
 	"strconv"
+	"strings"
 	"sync"
 	"time"
 
@@ -47,6 +48,9 @@ type Options struct {
 	Authenticator Authenticator
 	// OnAuthFailure, if set, is told the reason of every refused credential.
 	OnAuthFailure func(reason string)
+	// PublicURL, if set, is the API's address as its clients see it: the
+	// OpenAPI document's server, which /docs sends its requests to.
+	PublicURL string
 }
 
 // Authenticator turns a request's credentials into a principal.
@@ -104,6 +108,9 @@ func New(opts Options) *Server {
 	cfg.Transformers = nil
 	cfg.CreateHooks = nil
 	cfg.Info.Description = apiDescription
+	if opts.PublicURL != "" {
+		cfg.Servers = []*huma.Server{{URL: strings.TrimSuffix(opts.PublicURL, "/"), Description: "this installation"}}
+	}
 	cfg.Components.SecuritySchemes = map[string]*huma.SecurityScheme{
 		"bearer": {Type: "http", Scheme: "bearer", BearerFormat: "JWT or API key",
 			Description: "An access token from POST /v1/auth/login, or an API key (`agk_…`)."},
