@@ -262,6 +262,9 @@ func TestCommandProgressEventsInOrder(t *testing.T) {
 	if len(after) != len(evs)-2 {
 		t.Fatalf("after the second event: want %d, got %d", len(evs)-2, len(after))
 	}
+	if r := u.Do("GET", "/v1/commands/"+c.ID+"/events?page=2", nil); r.Status != 400 {
+		t.Fatalf("an unknown parameter: want 400, got %d", r.Status)
+	}
 }
 
 func TestCommandAgentStatus(t *testing.T) {

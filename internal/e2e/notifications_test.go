@@ -3,6 +3,7 @@ package e2e
 import (
 	"encoding/json"
 	"slices"
+	"strings"
 	"testing"
 	"time"
 
@@ -195,7 +196,15 @@ func TestNotificationsOfCommands(t *testing.T) {
 		t.Fatalf("failure: got %+v", n)
 	}
 
-	prefs := u.Must(200, "PUT", "/v1/users/me/notification-preferences", map[string]any{"muted": []string{"command.succeeded"}})
+	for _, bad := range []string{"", "Bad Kind", strings.Repeat("k", 101)} {
+		if r := u.Do("PUT", "/v1/users/me/notification-preferences", map[string]any{"muted": []string{"command.failed", bad}}); r.Status != 400 {
+			t.Fatalf("muting %q: want 400, got %d", bad, r.Status)
+		}
+	}
+	if r := u.Do("GET", "/v1/notifications?unread=true&sort=-created_at", nil); r.Status != 400 {
+		t.Fatalf("an unknown list parameter: want 400, got %d", r.Status)
+	}
+	prefs := u.Must(200, "PUT", "/v1/users/me/notification-preferences", map[string]any{"muted": []string{"command.succeeded", "command.succeeded"}})
 	if got := prefs.JSON(t)["muted"]; len(got.([]any)) != 1 {
 		t.Fatalf("PUT preferences: got %s", prefs.Body)
 	}

@@ -2,8 +2,10 @@ package httpapi
 
 import (
 	"context"
+	"fmt"
 	"net/http"
 	"net/url"
+	"regexp"
 	"slices"
 	"strings"
 	"time"
@@ -212,6 +214,11 @@ type listNotificationsInput struct {
 	UnreadOnly bool `query:"unread" doc:"Only unread notifications."`
 }
 
+// Resolve refuses unknown query parameters, as every list does.
+func (in *listNotificationsInput) Resolve(ctx huma.Context) []error {
+	return onlyParams(ctx, "page", "page_size", "unread")
+}
+
 type notificationsOutput struct {
 	Body struct {
 		Items    []notify.Notification `json:"items" nullable:"false"`
@@ -233,8 +240,11 @@ type readAllOutput struct {
 }
 
 type mutedBody struct {
-	Muted []string `json:"muted" maxItems:"100" nullable:"false" doc:"Notification kinds not to receive, such as command.succeeded."`
+	Muted []string `json:"muted" maxItems:"100" nullable:"false" doc:"Notification kinds not to receive, such as command.succeeded (each as a notification's kind is spelt)."`
 }
+
+// notificationKind is how a notification's kind is spelt.
+var notificationKind = regexp.MustCompile(`^[a-z][a-z0-9_.-]{0,99}$`)
 
 type mutedOutput struct{ Body mutedBody }
 type mutedInput struct{ Body mutedBody }
@@ -242,8 +252,8 @@ type mutedInput struct{ Body mutedBody }
 func (s *Server) notificationRoutes(d Deps) {
 	n := d.Realtime.Notify
 	huma.Register(s.API, s.op(http.MethodPost, "/v1/notifications", "create-notification", "Notifications", "Notify a member",
-		"Sends a notification to a member of the organization (the seed's notify): stored, and delivered live on their user:me topic unless they muted its kind. Organization admins and platform services.",
-		http.StatusCreated, true, http.StatusForbidden),
+		"Sends a notification to a member of the organization (the seed's notify): stored, and delivered live on their user:me topic. Organization admins and platform services. A kind the member muted is not sent (409).",
+		http.StatusCreated, true, http.StatusForbidden, http.StatusConflict),
 		func(ctx context.Context, in *notifyInput) (*notificationOutput, error) {
 			p := caller(ctx)
 			if !p.IsOrgAdmin() && !p.Superadmin || !keyAllows(p, "Notification", "create") {
@@ -320,9 +330,19 @@ func (s *Server) notificationRoutes(d Deps) {
 			if p := caller(ctx); p.Kind != platform.KindUser || p.KeyID != "" {
 				return nil, platform.Errorf(platform.EFORBIDDEN, "only users logged in may change their notification preferences")
 			}
-			if err := n.SetMuted(ctx, caller(ctx).ID, in.Body.Muted); err != nil {
+			var bad []platform.FieldError
+			for i, kind := range in.Body.Muted {
+				if !notificationKind.MatchString(kind) {
+					bad = append(bad, platform.FieldError{Field: fmt.Sprintf("body.muted[%d]", i), Message: "not a notification kind: lower-case letters, digits, '.', '_' and '-', at most 100, such as command.succeeded"})
+				}
+			}
+			if len(bad) > 0 {
+				return nil, platform.Invalid("invalid notification kinds", bad...)
+			}
+			muted := slices.Compact(slices.Sorted(slices.Values(in.Body.Muted)))
+			if err := n.SetMuted(ctx, caller(ctx).ID, muted); err != nil {
 				return nil, err
 			}
-			return &mutedOutput{Body: in.Body}, nil
+			return &mutedOutput{Body: mutedBody{Muted: muted}}, nil
 		})
 }
