@@ -41,6 +41,7 @@ import (
 	"github.com/agentry/agentry/internal/httpapi"
 	"github.com/agentry/agentry/internal/metrics"
 	"github.com/agentry/agentry/internal/notify"
+	"github.com/agentry/agentry/internal/platform"
 	"github.com/agentry/agentry/internal/postgres"
 	"github.com/agentry/agentry/internal/realtime"
 	"github.com/agentry/agentry/internal/sqlq"
@@ -259,6 +260,13 @@ func serve(ctx context.Context, s config.Settings, stdout io.Writer, logger *slo
 	if s.Cache {
 		registry.Cache = rows
 	}
+	// A deleted agent or command takes its topic with it: the WebSocket
+	// subscriptions to it end now, not at the next periodic recheck.
+	registry.Observe(func(ctx context.Context, c crud.Change) {
+		if c.Op == crud.OpDelete && c.Ref.OrgID != "" && (c.Scope.Type == platform.AgentScope.Type || c.Scope.Type == httpapi.CommandScope.Type) {
+			svc.bus.Publish(ctx, "acl:"+c.Ref.OrgID)
+		}
+	})
 	bus := events.NewBus(svc.rdb, s.RedisPrefix, s.EventStreamMaxLen)
 	gateway := &realtime.Gateway{
 		Events:       bus,

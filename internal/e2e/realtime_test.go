@@ -455,6 +455,17 @@ func TestRealtimeTopicRules(t *testing.T) {
 	}
 	wide := u.Must(201, "POST", "/v1/api-keys", map[string]any{"name": "inbox", "permissions": []string{"Notification.read"}}).Str(t, "key")
 	wsDial(t, api, wide).subscribe("user:"+u.ID, "")
+
+	// Deleting the agent ends the subscriptions to it at once, not at the
+	// next periodic recheck.
+	u.Must(204, "DELETE", "/v1/agents/"+agent, nil)
+	start := time.Now()
+	if m := c.read(); m.Type != "error" || m.Topic != topic || m.field("code") != "revoked" {
+		t.Fatalf("after the agent's deletion: want a revoked error, got %s on %s: %s", m.Type, m.Topic, m.Data)
+	}
+	if took := time.Since(start); took > 5*time.Second {
+		t.Fatalf("ended %s after the deletion; want within seconds", took)
+	}
 }
 
 // A client that cannot keep up is cut off with 4008 and does not slow down

@@ -530,7 +530,7 @@ func (c *conn) recheck(ctx context.Context) {
 				continue
 			}
 			if c.drop(topic) {
-				c.enqueue(message("error", topic, map[string]string{"code": "revoked", "message": "access to this topic was revoked"}))
+				c.enqueue(message("error", topic, map[string]string{"code": "revoked", "message": "access to this topic was revoked, or what it follows was deleted"}))
 			}
 		}
 	}
