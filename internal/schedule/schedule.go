@@ -55,7 +55,45 @@ func Parse(expr, tz string) (cron.Schedule, *time.Location, error) {
 	if err != nil || tz == "" || tz == "Local" {
 		return nil, nil, fmt.Errorf("unknown time zone %q; use an IANA name such as Europe/Paris or UTC", tz)
 	}
+	if spec, ok := sched.(*cron.SpecSchedule); ok && spec.Hour&everyHour != everyHour {
+		sched = wallClock{sched}
+	}
 	return sched, loc, nil
+}
+
+// everyHour is the hour field of a schedule that fires in every hour.
+const everyHour = 1<<24 - 1
+
+// wallClock is a schedule at given hours of the day: when the clocks go
+// back, a time that comes twice fires once, the first time (as cron does),
+// not once an hour apart. Schedules that fire every hour go on in real time
+// through the hour that comes twice. (A time the clocks skip going forward
+// does not come that day.)
+type wallClock struct{ cron.Schedule }
+
+// Next returns the next fire time after t that is not a wall-clock time's
+// second coming.
+func (w wallClock) Next(t time.Time) time.Time {
+	for {
+		next := w.Schedule.Next(t)
+		if next.IsZero() || !secondComing(next) {
+			return next
+		}
+		t = next
+	}
+}
+
+// secondComing reports whether t's wall-clock time already came once, just
+// before the clocks went back.
+func secondComing(t time.Time) bool {
+	_, now := t.Zone()
+	_, before := t.Add(-3 * time.Hour).Zone()
+	back := time.Duration(before-now) * time.Second
+	if back <= 0 {
+		return false
+	}
+	const wall = "2006-01-02 15:04:05"
+	return t.Add(-back).Format(wall) == t.Format(wall)
 }
 
 // Next returns the first fire time of expr in tz after t.

@@ -319,3 +319,35 @@ func TestFirerStartStop(t *testing.T) {
 	fr.Stop()
 	fr.Stop()
 }
+
+// When the clocks go back, a wall-clock time that comes twice fires once,
+// the first time; schedules of intervals shorter than the shift, and
+// @every, go on in real time.
+func TestWallClockTimesFireOnceWhenClocksGoBack(t *testing.T) {
+	fires := func(expr string, from, to time.Time) []time.Time {
+		sched, loc, err := Parse(expr, "Europe/Berlin")
+		if err != nil {
+			t.Fatal(err)
+		}
+		var out []time.Time
+		for at := sched.Next(from.In(loc)); at.Before(to); at = sched.Next(at) {
+			out = append(out, at.UTC())
+		}
+		return out
+	}
+	// Berlin goes from 03:00 CEST back to 02:00 CET on 2027-10-31 (01:00 UTC).
+	from, to := time.Date(2027, 10, 30, 12, 0, 0, 0, time.UTC), time.Date(2027, 11, 1, 12, 0, 0, 0, time.UTC)
+	daily := fires("30 2 * * *", from, to)
+	want := []time.Time{time.Date(2027, 10, 31, 0, 30, 0, 0, time.UTC), time.Date(2027, 11, 1, 1, 30, 0, 0, time.UTC)}
+	if !slices.Equal(daily, want) {
+		t.Fatalf("daily at 02:30: fires %v, want %v", daily, want)
+	}
+	// Every 30 minutes: through the hour that comes twice, in real time.
+	night := fires("*/30 * * * *", time.Date(2027, 10, 30, 23, 59, 0, 0, time.UTC), time.Date(2027, 10, 31, 2, 1, 0, 0, time.UTC))
+	if len(night) != 5 {
+		t.Fatalf("every 30 minutes from 00:00 to 02:00 UTC: %d fires %v, want 5", len(night), night)
+	}
+	if every := fires("@every 1h", from, to); len(every) != 47 {
+		t.Fatalf("@every 1h between two times 48 hours apart: %d fires, want 47", len(every))
+	}
+}
