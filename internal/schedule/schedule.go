@@ -194,9 +194,20 @@ func plan(s *Schedule, now time.Time) (fire []time.Time, next time.Time, missed 
 		return nil, time.Time{}, 0, err
 	}
 	due := []time.Time{*s.NextRunAt}
+	beyond := 0 // missed times not kept in due
 	for t := sched.Next(s.NextRunAt.In(loc)); !t.IsZero() && !t.After(now); t = sched.Next(t) {
 		due = append(due, t.UTC())
-		if len(due) > 10000 {
+		if len(due) == 10000 {
+			// A long outage of a frequent schedule: what matters is the
+			// latest missed time, which is within the last day (it fired
+			// 10,000 times in less than the outage). Count the rest
+			// without keeping them.
+			last := due[len(due)-1]
+			for u := sched.Next(maxTime(last, now.Add(-25*time.Hour)).In(loc)); !u.IsZero() && !u.After(now); u = sched.Next(u) {
+				last = u.UTC()
+				beyond++
+			}
+			due[len(due)-1] = last
 			break
 		}
 	}
@@ -206,11 +217,11 @@ func plan(s *Schedule, now time.Time) (fire []time.Time, next time.Time, missed 
 	case len(due) == 1 && now.Sub(latest) <= Grace:
 		fire = due
 	case s.MisfirePolicy == MisfireRunOnce:
-		fire, missed = []time.Time{latest}, len(due)-1
+		fire, missed = []time.Time{latest}, len(due)-1+beyond
 	case now.Sub(latest) <= Grace:
-		fire, missed = []time.Time{latest}, len(due)-1
+		fire, missed = []time.Time{latest}, len(due)-1+beyond
 	default:
-		missed = len(due)
+		missed = len(due) + beyond
 	}
 	return fire, next, missed, nil
 }
@@ -330,4 +341,11 @@ func (f *Firer) command(ctx context.Context, tx *sqlx.Tx, s *Schedule, at time.T
 		return nil, nil
 	}
 	return c, err
+}
+
+func maxTime(a, b time.Time) time.Time {
+	if a.After(b) {
+		return a
+	}
+	return b
 }

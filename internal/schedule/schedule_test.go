@@ -71,6 +71,8 @@ func TestPlan(t *testing.T) {
 			wantFire: times("2026-01-01T10:00:00Z"), wantNext: "2026-01-01T10:00:10Z"},
 		{name: "every second", cron: "@every 1s", policy: MisfireSkip, nextRun: "2026-01-01T10:00:00Z", now: "2026-01-01T10:00:00.5Z",
 			wantFire: times("2026-01-01T10:00:00Z"), wantNext: "2026-01-01T10:00:01Z"},
+		{name: "hours of every second missed under run_once fire the latest", cron: "@every 1s", policy: MisfireRunOnce, nextRun: "2026-01-01T00:00:00Z", now: "2026-01-01T05:00:00.5Z",
+			wantFire: times("2026-01-01T05:00:00Z"), wantNext: "2026-01-01T05:00:01Z", wantMissed: 18000},
 		{name: "in a time zone across a DST change", cron: "0 9 * * *", tz: "Europe/Paris", policy: MisfireSkip, nextRun: "2026-03-28T08:00:00Z", now: "2026-03-28T08:00:01Z",
 			wantFire: times("2026-03-28T08:00:00Z"), wantNext: "2026-03-29T07:00:00Z"},
 	}
