@@ -92,7 +92,10 @@ func renderCases(t *testing.T) []renderCase {
 		t.Fatalf("no example values files under examples/ (err %v)", err)
 	}
 	for _, file := range examples {
-		cases = append(cases, renderCase{name: "example " + filepath.Base(file), files: []string{file}})
+		// With the secret settings each example's header passes on the
+		// command line.
+		cases = append(cases, renderCase{name: "example " + filepath.Base(file), files: []string{file}, values: `
+secrets: {adminPassword: a long first password}`})
 	}
 	return append(cases,
 		renderCase{
@@ -278,6 +281,14 @@ func TestRenderRejects(t *testing.T) {
 		{"hpa to zero", `worker: {autoscaling: {enabled: true, kind: hpa, minReplicas: 0}}`, "worker.autoscaling.minReplicas"},
 		{"api hpa without target", `api: {autoscaling: {targetCPUUtilizationPercentage: 0}}`, "api.autoscaling"},
 		{"seed without email", `migrations: {seedAdmin: true}`, "config.adminEmail"},
+		{"production seed without password", `
+config: {env: production, adminEmail: admin@example.com}
+secrets:
+  databaseUrl: postgres://agentry:pw@db:5432/agentry?sslmode=require
+  redisUrl: rediss://:pw@redis:6379/0
+  jwtSecret: 0123456789abcdef0123456789abcdef0123
+  secretsKey: MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY=
+migrations: {seedAdmin: true}`, "secrets.adminPassword"},
 	}
 	for _, c := range cases {
 		t.Run(c.name, func(t *testing.T) {

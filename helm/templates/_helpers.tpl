@@ -385,6 +385,9 @@ values.schema.json checks each value on its own. It renders nothing.
 {{- if and $v.migrations.enabled $v.migrations.seedAdmin (not $v.config.adminEmail) }}
 {{- fail "migrations.seedAdmin needs config.adminEmail" }}
 {{- end }}
+{{- if and $v.migrations.enabled $v.migrations.seedAdmin (eq $v.config.env "production") (not $v.existingSecret) (not $v.secrets.adminPassword) }}
+{{- fail "migrations.seedAdmin in production needs secrets.adminPassword (or AGENTRY_ADMIN_PASSWORD in existingSecret): the seed would fail inside the upgrade" }}
+{{- end }}
 {{- end }}
 
 {{/*
