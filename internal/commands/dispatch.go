@@ -234,7 +234,7 @@ func (d *Dispatcher) Cancel(ctx context.Context, c *platform.Command) (*platform
 	if c.Terminal() {
 		return nil, platform.Errorf(platform.ECONFLICT, "the command already ended %s", c.Status)
 	}
-	out, err := d.Store.Cancel(ctx, c.ID)
+	out, asked, err := d.Store.CancelOnce(ctx, c.ID)
 	if err != nil {
 		return nil, err
 	}
@@ -250,6 +250,9 @@ func (d *Dispatcher) Cancel(ctx context.Context, c *platform.Command) (*platform
 		d.Publish(ctx, "command.canceled", out)
 		d.Admit(ctx, out.AgentID)
 		return out, nil
+	}
+	if !asked {
+		return out, nil // asked already: its worker is stopping it
 	}
 	if err := d.Events.Signal(ctx, CancelChannel, out.ID); err != nil {
 		d.Logger.WarnContext(ctx, "cancel signal not sent; the worker will see it at its next heartbeat", "command_id", out.ID, "err", err)

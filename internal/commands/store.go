@@ -541,26 +541,47 @@ func (s *Store) Heartbeat(ctx context.Context, worker string, ids []string, leas
 }
 
 // Cancel cancels a queued command at once, or asks the worker running it
-// to stop. It returns the command and whether it was already finished.
+// to stop. It returns the command as it now is, nil when it already ended
+// (see CancelOnce).
 func (s *Store) Cancel(ctx context.Context, id string) (*platform.Command, error) {
-	out := &platform.Command{}
+	out, _, err := s.CancelOnce(ctx, id)
+	return out, err
+}
+
+// CancelOnce is Cancel that also tells whether this call changed anything:
+// asking again to stop a running command whose cancellation was asked
+// already returns it unchanged (asked false), with no second event.
+func (s *Store) CancelOnce(ctx context.Context, id string) (out *platform.Command, asked bool, err error) {
+	out = &platform.Command{}
 	// Cancels a queued command outright (event, agent status); a running
-	// one is marked for its worker. Returns the command as it now is.
-	err := s.DB.GetContext(ctx, out, `WITH done AS (
+	// one not yet asked is marked for its worker. Returns the command as it
+	// now is.
+	err = s.DB.GetContext(ctx, out, `WITH done AS (
 			UPDATE commands SET
 				status = CASE WHEN status = 'queued' THEN 'canceled' ELSE status END,
 				finished_at = CASE WHEN status = 'queued' THEN now() ELSE finished_at END,
 				cancel_requested_at = COALESCE(cancel_requested_at, now()), updated_at = now(), version = version + 1
-			WHERE id = $1 AND status IN ('queued', 'running')
+			WHERE id = $1 AND (status = 'queued' OR status = 'running' AND cancel_requested_at IS NULL)
 			RETURNING *),
 		ev AS (INSERT INTO command_events (command_id, type, status, attempt, progress)
 			SELECT id, CASE WHEN status = 'canceled' THEN 'canceled' ELSE 'cancel_requested' END, status, attempt, progress FROM done),
 		`+agentStatus+`
 		SELECT * FROM done`, id)
-	if errors.Is(err, sql.ErrNoRows) {
-		return nil, nil
+	if err == nil {
+		return out, true, nil
 	}
-	return out, err
+	if !errors.Is(err, sql.ErrNoRows) {
+		return nil, false, err
+	}
+	// Ended, or running with its cancellation asked already.
+	err = s.DB.GetContext(ctx, out, `SELECT * FROM commands WHERE id = $1 AND status = 'running' AND cancel_requested_at IS NOT NULL`, id)
+	if errors.Is(err, sql.ErrNoRows) {
+		return nil, false, nil
+	}
+	if err != nil {
+		return nil, false, err
+	}
+	return out, false, nil
 }
 
 // Retry puts a failed command back in its agent's backlog, forgetting a

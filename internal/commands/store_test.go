@@ -568,6 +568,15 @@ func TestCancel(t *testing.T) {
 	if s := f.agentStatus(agent); s != "busy" {
 		t.Fatalf("the agent of a command still running: want busy, got %s", s)
 	}
+	// Asking again changes nothing and records no second event.
+	again, asked, err := f.store.CancelOnce(ctx, running.ID)
+	if err != nil || again == nil || asked || !again.CancelRequestedAt.Equal(*got.CancelRequestedAt) || again.Version != got.Version {
+		t.Fatalf("a second cancel: want the command unchanged, got %+v asked %v (%v)", again, asked, err)
+	}
+	var asks int
+	if err := f.db.Get(&asks, `SELECT count(*) FROM command_events WHERE command_id = $1 AND type = 'cancel_requested'`, running.ID); err != nil || asks != 1 {
+		t.Fatalf("cancel_requested events: want 1, got %d (%v)", asks, err)
+	}
 	cancel, err := f.store.Heartbeat(ctx, "w1", []string{running.ID}, time.Minute)
 	if err != nil || !slices.Equal(cancel, []string{running.ID}) {
 		t.Fatalf("heartbeat: want the cancellation heard, got %v (%v)", cancel, err)
