@@ -12,6 +12,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"slices"
 	"strings"
 	"sync"
 	"time"
@@ -298,30 +299,40 @@ func (f *Firer) command(ctx context.Context, tx *sqlx.Tx, s *Schedule, at time.T
 		f.Logger.WarnContext(ctx, "schedule names an unknown task; skipped", "schedule_id", s.ID, "task", s.Task)
 		return nil, nil
 	}
+	agent := &platform.Agent{}
+	err := tx.GetContext(ctx, agent, "SELECT id, org_id, owner_id, status, config FROM agents WHERE id = $1", s.AgentID)
+	if errors.Is(err, sql.ErrNoRows) {
+		return nil, nil // deleted: its schedules go with it
+	}
+	if err != nil {
+		return nil, err
+	}
+	skip := func(why string) (*platform.Command, error) {
+		f.Logger.WarnContext(ctx, why+"; fire time skipped", "schedule_id", s.ID, "agent_id", s.AgentID, "fire_time", at)
+		return nil, nil
+	}
+	if agent.Status == platform.AgentDisabled {
+		return skip("the schedule's agent is disabled")
+	}
+	if allowed, ok := agent.Config["allowed_tasks"].([]any); ok && !slices.Contains(allowed, any(s.Task)) {
+		return skip("the schedule's agent no longer allows its task")
+	}
 	if f.MayCommand != nil {
-		var agentOwner string
-		err := tx.GetContext(ctx, &agentOwner, "SELECT owner_id FROM agents WHERE id = $1", s.AgentID)
-		if errors.Is(err, sql.ErrNoRows) {
-			return nil, nil
-		}
-		if err != nil {
-			return nil, err
-		}
-		ok, err := f.MayCommand(ctx, s.OwnerID, platform.ResourceRef{Type: platform.AgentScope.Type, ID: s.AgentID, OrgID: s.OrgID, OwnerID: agentOwner})
+		ok, err := f.MayCommand(ctx, s.OwnerID, platform.ResourceRef{Type: platform.AgentScope.Type, ID: agent.ID, OrgID: agent.OrgID, OwnerID: agent.OwnerID})
 		if err != nil {
 			return nil, err
 		}
 		if !ok {
-			f.Logger.WarnContext(ctx, "the schedule's owner may no longer command its agent; fire time skipped", "schedule_id", s.ID, "owner_id", s.OwnerID, "fire_time", at)
-			return nil, nil
+			return skip("the schedule's owner may no longer command its agent")
 		}
 	}
 	payload, _ := json.Marshal(map[string]any(s.Payload))
 	c := &platform.Command{}
 	// Inserts the fire time's command if the owner is still a member, the
-	// agent enabled and its allowed_tasks (if any) name the task; does
-	// nothing if this fire time already fired.
-	err := tx.GetContext(ctx, c, `WITH done AS (
+	// agent enabled and its allowed_tasks (if any) name the task (checked
+	// again, on the row as the insert sees it); does nothing if this fire
+	// time already fired.
+	err = tx.GetContext(ctx, c, `WITH done AS (
 			INSERT INTO commands (id, org_id, owner_id, agent_id, task, payload, timeout_s, max_retries, schedule_id, fire_time)
 			SELECT $1, $2, $3, $4, $5, $6,
 				CASE WHEN jsonb_typeof(a.config->'command_timeout_s') = 'number' AND (a.config->>'command_timeout_s')::numeric >= 1
