@@ -3,6 +3,8 @@ package realtime
 import (
 	"context"
 	"encoding/json"
+	"errors"
+	"net"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -467,14 +469,14 @@ func (c *conn) flush() {
 		case data == nil:
 			return
 		case len(data) == 0: // pingMessage
-			if err := c.ws.WriteControl(websocket.PingMessage, nil, time.Now().Add(writeTimeout)); err != nil {
-				c.fail()
+			if err := c.ws.WriteControl(websocket.PingMessage, nil, time.Now().Add(c.g.WriteTimeout)); err != nil {
+				c.writeFailed(err)
 				return
 			}
 		default:
-			_ = c.ws.SetWriteDeadline(time.Now().Add(writeTimeout))
+			_ = c.ws.SetWriteDeadline(time.Now().Add(c.g.WriteTimeout))
 			if err := c.ws.WriteMessage(websocket.TextMessage, data); err != nil {
-				c.fail()
+				c.writeFailed(err)
 				return
 			}
 			c.g.Metrics.EventsSent(1)
@@ -482,8 +484,16 @@ func (c *conn) flush() {
 	}
 }
 
-// writeTimeout bounds one write to a client.
-const writeTimeout = 10 * time.Second
+// writeFailed ends the connection after a failed write. One that timed out
+// is a client too slow to read (its buffers full), counted as one cut off
+// for its queue: no close frame can reach it.
+func (c *conn) writeFailed(err error) {
+	var ne net.Error
+	if errors.As(err, &ne) && ne.Timeout() && !c.cut.Load() {
+		c.g.Metrics.SlowClient()
+	}
+	c.fail()
+}
 
 // fail ends the connection from the writing side: the reader's read fails
 // and the connection ends.

@@ -86,6 +86,9 @@ type Gateway struct {
 	// PingInterval is how often the server pings; a peer silent for two
 	// intervals is dead.
 	PingInterval time.Duration
+	// WriteTimeout bounds one write to a client (default 10 s): a client
+	// that reads nothing for that long is cut off as too slow.
+	WriteTimeout time.Duration
 	// MaxSubscriptions bounds the topics one connection may follow.
 	MaxSubscriptions int
 	// RecheckInterval is how often every connection's access is decided
@@ -129,6 +132,9 @@ func (g *Gateway) Start(ctx context.Context) error {
 	}
 	if g.SendQueue <= 0 {
 		g.SendQueue = 256
+	}
+	if g.WriteTimeout <= 0 {
+		g.WriteTimeout = 10 * time.Second
 	}
 	if g.PingInterval <= 0 {
 		g.PingInterval = 20 * time.Second

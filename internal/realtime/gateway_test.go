@@ -804,3 +804,36 @@ func TestServerPings(t *testing.T) {
 		}
 	}
 }
+
+// A client that reads nothing while its queue has room still holds up the
+// write to it: when the write times out, it is counted as a slow client cut
+// off, like one whose queue filled.
+func TestClientThatStopsReadingTimesOutAsSlow(t *testing.T) {
+	t.Parallel()
+	f := newFixture(t, 1_000_000)
+	f.g.WriteTimeout = 300 * time.Millisecond
+	small := *websocket.DefaultDialer
+	small.NetDialContext = (&net.Dialer{Control: func(_, _ string, rc syscall.RawConn) error {
+		var err error
+		_ = rc.Control(func(fd uintptr) {
+			err = syscall.SetsockoptInt(int(fd), syscall.SOL_SOCKET, syscall.SO_RCVBUF, 4096)
+		})
+		return err
+	}}).DialContext
+	stuck := f.dialWith("stuck", "s1", &small)
+	stuck.subscribe("agent:busy", "")
+	pad := strings.Repeat("x", 4000)
+	deadline := time.After(20 * time.Second)
+	for n := 0; ; n++ {
+		if err := f.bus.Publish(context.Background(), "ev", map[string]any{"n": n, "pad": pad}, "agent:busy"); err != nil {
+			t.Fatal(err)
+		}
+		select {
+		case <-f.slowCh:
+			return
+		case <-deadline:
+			t.Fatalf("a client that reads nothing was not counted slow after %d events", n)
+		case <-time.After(2 * time.Millisecond):
+		}
+	}
+}
