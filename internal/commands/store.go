@@ -592,7 +592,7 @@ func (s *Store) Retry(ctx context.Context, id string) (*platform.Command, error)
 	// event. Returns the command, or no row if it is not failed.
 	err := s.DB.GetContext(ctx, out, `WITH done AS (
 			UPDATE commands SET status = 'queued', failures = 0, error = NULL, result = NULL, progress = 0, message = '',
-				admitted_at = NULL, not_before = NULL, finished_at = NULL, cancel_requested_at = NULL,
+				admitted_at = NULL, not_before = NULL, started_at = NULL, finished_at = NULL, cancel_requested_at = NULL,
 				updated_at = now(), version = version + 1
 			WHERE id = $1 AND status = 'failed'
 			RETURNING *),

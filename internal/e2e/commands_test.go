@@ -589,14 +589,17 @@ func TestCommandRetryFailed(t *testing.T) {
 	u := s.Client(api).NewUser("retryf")
 	agent := cmdAgent(t, u.Client, nil)
 	c := cmdDispatch(t, u.Client, agent, map[string]any{"task": "agent:echo", "payload": map[string]any{"fail": "nope"}, "max_retries": 0})
-	cmdWaitStatus(t, u.Client, c.ID, "failed", 10*time.Second)
+	first := cmdWaitStatus(t, u.Client, c.ID, "failed", 10*time.Second)
 	r := decodeCommand(t, u.Must(200, "POST", "/v1/commands/"+c.ID+"/retry", nil))
-	if r.Status != "queued" || r.Failures != 0 || r.Error != nil {
-		t.Fatalf("retry: want queued with failures and error cleared, got %+v", r)
+	if r.Status != "queued" || r.Failures != 0 || r.Error != nil || r.StartedAt != nil || r.FinishedAt != nil {
+		t.Fatalf("retry: want queued with failures, error and timings cleared, got %+v", r)
 	}
 	done := cmdWaitStatus(t, u.Client, c.ID, "failed", 10*time.Second)
 	if done.Attempt != 2 || done.Failures != 1 {
 		t.Fatalf("want it run again as attempt 2, got attempt %d, failures %d", done.Attempt, done.Failures)
+	}
+	if done.StartedAt == nil || done.FinishedAt == nil || done.StartedAt.Before(*first.FinishedAt) || done.FinishedAt.Before(*done.StartedAt) {
+		t.Fatalf("timings of the run after the retry: started %v, finished %v", done.StartedAt, done.FinishedAt)
 	}
 	ok := cmdDispatch(t, u.Client, agent, echo("x"))
 	cmdWaitStatus(t, u.Client, ok.ID, "succeeded", 10*time.Second)

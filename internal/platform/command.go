@@ -26,7 +26,7 @@ type Command struct {
 	TimeoutS          int              `db:"timeout_s" json:"timeout_s" doc:"Time limit of one attempt, in seconds."`
 	MaxRetries        int              `db:"max_retries" json:"max_retries"`
 	Attempt           int              `db:"attempt" json:"attempt" doc:"The current (or last) attempt, from 1."`
-	Failures          int              `db:"failures" json:"failures" doc:"Attempts that failed so far."`
+	Failures          int              `db:"failures" json:"failures" doc:"Attempts that failed since the command was queued (POST /v1/commands/{id}/retry starts again from 0, with its retries renewed)."`
 	Progress          int              `db:"progress" json:"progress" minimum:"0" maximum:"100"`
 	Message           string           `db:"message" json:"message"`
 	Result            *json.RawMessage `db:"result" json:"result,omitempty"`
@@ -40,7 +40,7 @@ type Command struct {
 	WorkerID          *string          `db:"worker_id" json:"worker_id,omitempty"`
 	LeaseUntil        *time.Time       `db:"lease_until" json:"-"`
 	CancelRequestedAt *time.Time       `db:"cancel_requested_at" json:"cancel_requested_at,omitempty"`
-	StartedAt         *time.Time       `db:"started_at" json:"started_at,omitempty"`
+	StartedAt         *time.Time       `db:"started_at" json:"started_at,omitempty" doc:"When its first attempt started (since the last retry by POST /v1/commands/{id}/retry)."`
 	FinishedAt        *time.Time       `db:"finished_at" json:"finished_at,omitempty"`
 }
 
