@@ -5,6 +5,7 @@ import (
 	"crypto/subtle"
 	"errors"
 	"net/http"
+	"slices"
 	"strings"
 	"sync"
 	"time"
@@ -253,6 +254,25 @@ func (a *Authenticator) fromKey(ctx context.Context, credential, orgID string) (
 			return nil, unauthorized(FailNotMember)
 		}
 	case platform.KindAgent:
+		// An agent's key acts within its creator's permissions as they are
+		// now: a creator removed from the organization, disabled or
+		// demoted takes the key's power down with them.
+		f, err := a.loadFacts(ctx, key.OwnerID, key.OrgID)
+		if err != nil {
+			return nil, err
+		}
+		creator, err := userPrincipal(f, key.OrgID)
+		if err != nil {
+			return nil, err
+		}
+		if !f.Member && !creator.Superadmin {
+			return nil, unauthorized(FailNotMember)
+		}
+		if !creator.Superadmin {
+			if scope = intersect(scope, creator.Permissions); len(scope) == 0 {
+				return nil, unauthorized(FailNotMember)
+			}
+		}
 		p = &platform.Principal{ID: key.EntityID, Kind: platform.KindAgent, OrgID: key.OrgID, Permissions: scope}
 	default:
 		return nil, unauthorized(FailBadKey)
@@ -291,3 +311,23 @@ func IsAuthError(err error) (string, bool) {
 
 // AuthReason names why authentication failed, for metrics.
 func (e *AuthError) AuthReason() string { return e.Reason }
+
+// intersect returns permissions granting only what both a and b grant:
+// those of each that one of the other covers. (Where two wildcards cross,
+// as Agent.* and *.read, it grants less than both would: never more.)
+func intersect(a, b []platform.Permission) []platform.Permission {
+	var out []platform.Permission
+	add := func(from, other []platform.Permission) {
+		for _, p := range from {
+			for _, q := range other {
+				if q.Covers(p) && !slices.Contains(out, p) {
+					out = append(out, p)
+					break
+				}
+			}
+		}
+	}
+	add(a, b)
+	add(b, a)
+	return out
+}

@@ -626,8 +626,11 @@ func (r *resource[T, In]) registerACL(item string) {
 
 // ref loads the resource whose ACL a request manages. Its ACL
 // administrators reach it even when an entry denies them reading it (a deny
-// must not lock its owner out of the ACL); anyone else who may not read it
-// gets 404, like every other route.
+// must not lock an organization admin out of the ACL); anyone else who may
+// not read it gets 404, like every other route. Ownership makes an ACL
+// administrator only while no deny entry names the owner: a deny put on
+// the owner is not theirs to see or lift (the ref returned then carries no
+// owner, so that the ACL's own checks judge it so too).
 func (r *resource[T, In]) ref(ctx context.Context, id string) (*platform.ResourceRef, *platform.Principal, error) {
 	p, err := r.reg.Guard.Caller(ctx)
 	if err != nil {
@@ -643,6 +646,9 @@ func (r *resource[T, In]) ref(ctx context.Context, id string) (*platform.Resourc
 	if err != nil {
 		return nil, nil, sqlq.MapError(err, r.notFound())
 	}
+	if ref.OwnerID == p.ID && deniesAny(raw) {
+		ref.OwnerID = ""
+	}
 	if r.reg.ACL.CanAdminister(p, r.scope, &ref) {
 		return &ref, p, nil
 	}
@@ -650,4 +656,19 @@ func (r *resource[T, In]) ref(ctx context.Context, id string) (*platform.Resourc
 		return nil, nil, err
 	}
 	return &ref, p, nil
+}
+
+// deniesAny reports whether the ACL entries of raw (those naming a
+// principal, as Guard.Entries gives them) hold a deny.
+func deniesAny(raw []byte) bool {
+	var entries []platform.ACLEntry
+	if err := json.Unmarshal(raw, &entries); err != nil {
+		return true // unreadable: judge as denied, the safe side
+	}
+	for _, e := range entries {
+		if e.Effect == platform.Deny {
+			return true
+		}
+	}
+	return false
 }

@@ -305,6 +305,55 @@ func TestOWASPAPI1DemotedAdminKeepsNoPower(t *testing.T) {
 	secExpect(t, "the demoted admin removes her accomplice", malloryIn.Do("DELETE", "/v1/members/"+accompliceMembership, nil), 403)
 }
 
+// Nobody grants more than they hold: a custom role that manages roles or
+// memberships cannot widen itself or hand out admin; an agent's key made
+// by an admin dies with the admin's membership; a deny on a resource's
+// owner is not the owner's to see or lift.
+func TestOWASPAPI5NoOneGrantsMoreThanTheyHold(t *testing.T) {
+	t.Parallel()
+	s := NewStack(t, nil)
+	c := s.Client(s.API())
+	alice, esc, mm, adm, mem := c.NewUser("alice"), c.NewUser("esc"), c.NewUser("mm"), c.NewUser("adm"), c.NewUser("mem")
+	rolemgr := alice.Must(201, "POST", "/v1/roles", map[string]any{"name": "rolemgr", "permissions": []string{"Role.*", "Agent.read"}}).Str(t, "id")
+	alice.Must(201, "POST", "/v1/roles", map[string]any{"name": "membermgr", "permissions": []string{"Membership.*"}})
+	escIn, _ := secInvite(t, alice, esc, "rolemgr")
+	mmIn, mmMembership := secInvite(t, alice, mm, "membermgr")
+	secExpect(t, "a role manager widens its own role", escIn.Do("PATCH", "/v1/roles/"+rolemgr, map[string]any{"permissions": []string{"*"}}), 403)
+	secExpect(t, "a role manager makes an all-powerful role", escIn.Do("POST", "/v1/roles", map[string]any{"name": "god", "permissions": []string{"*"}}), 403)
+	escIn.Must(201, "POST", "/v1/roles", map[string]any{"name": "readers", "permissions": []string{"Agent.read"}})
+	secExpect(t, "a membership manager makes itself admin", mmIn.Do("PATCH", "/v1/members/"+mmMembership, map[string]any{"role": "admin"}), 403)
+	secExpect(t, "a membership manager invites an admin", mmIn.Do("POST", "/v1/members", map[string]any{"email": adm.Email, "role": "admin"}), 403)
+
+	// An admin's agent key: admin powers while she is one, none after.
+	admIn, admMembership := secInvite(t, alice, adm, "admin")
+	agent := secCreate(t, admIn, "/v1/agents", map[string]any{"name": "adm-agent"})
+	var created struct {
+		Key string `json:"key"`
+	}
+	if err := json.Unmarshal(admIn.Must(201, "POST", "/v1/api-keys", map[string]any{"name": "agent", "agent_id": agent}).Body, &created); err != nil {
+		t.Fatal(err)
+	}
+	key := c.As(created.Key, "")
+	key.Must(201, "POST", "/v1/roles", map[string]any{"name": "while-admin", "permissions": []string{"Agent.read"}})
+	alice.Must(204, "DELETE", "/v1/members/"+admMembership, nil)
+	Eventually(t, 5*time.Second, "the removed admin's agent key refused", func() bool {
+		st := key.Do("POST", "/v1/roles", map[string]any{"name": "backdoor", "permissions": []string{"*"}}).Status
+		return st == 401 || st == 403
+	})
+	if st := key.Do("POST", "/v1/members", map[string]any{"email": mem.Email, "role": "admin"}).Status; st != 401 && st != 403 {
+		t.Fatalf("the removed admin's agent key invites an admin: want 401 or 403, got %d", st)
+	}
+
+	// A deny an admin put on a member's own agent binds the member.
+	memIn, _ := secInvite(t, alice, mem, "member")
+	mine := "/v1/agents/" + secCreate(t, memIn, "/v1/agents", map[string]any{"name": "mine"})
+	deny := alice.Must(201, "POST", mine+"/acl", map[string]any{"principal_id": mem.ID, "action": "*", "effect": "deny"}).Str(t, "id")
+	secExpect(t, "the denied owner lists the ACL", memIn.Do("GET", mine+"/acl", nil), 404)
+	secExpect(t, "the denied owner lifts the deny", memIn.Do("DELETE", mine+"/acl/"+deny, nil), 404)
+	secExpect(t, "the denied owner reads", memIn.Do("GET", mine, nil), 404)
+	alice.Must(200, "GET", mine+"/acl", nil)
+}
+
 // secForge signs claims with method and key.
 func secForge(t *testing.T, method jwt.SigningMethod, key any, claims jwt.MapClaims) string {
 	t.Helper()

@@ -2,6 +2,7 @@ package httpapi
 
 import (
 	"context"
+	"errors"
 	"net/http"
 	"strconv"
 	"strings"
@@ -495,6 +496,13 @@ func (s *Server) membershipRoutes(d Deps) {
 		if role == platform.RoleOwner && orgRole(caller(ctx), orgID) != platform.RoleOwner && !caller(ctx).Superadmin {
 			return ref, platform.Errorf(platform.EFORBIDDEN, "only owners may make owners")
 		}
+		var perms platform.JSONList
+		if err := tx.GetContext(ctx, &perms, "SELECT permissions FROM roles WHERE id = $1", ref.ID); err != nil {
+			return ref, err
+		}
+		if err := withinCaller(caller(ctx), perms); err != nil {
+			return ref, platform.Errorf(platform.EFORBIDDEN, "the role %s grants %s, which you do not hold: you may give only a role within your own permissions", role, err)
+		}
 		return ref, nil
 	}
 	keepAnOwner := func(ctx context.Context, tx *sqlx.Tx, m *Member) error {
@@ -596,6 +604,9 @@ func (s *Server) membershipRoutes(d Deps) {
 			if builtin[in.Name] {
 				return platform.Errorf(platform.ECONFLICT, "%q is a built-in role", in.Name)
 			}
+			if err := withinCaller(caller(ctx), in.Permissions); err != nil {
+				return platform.Errorf(platform.EFORBIDDEN, "a role may grant only what you hold; not %s", err)
+			}
 			r.OwnerID = r.OrgID // the organization owns its roles, not their creator
 			return d.Identity.NewEntity(ctx, tx, r.ID, platform.KindRole)
 		},
@@ -605,6 +616,9 @@ func (s *Server) membershipRoutes(d Deps) {
 			}
 			if builtin[in.Name] {
 				return platform.Errorf(platform.ECONFLICT, "%q is a built-in role", in.Name)
+			}
+			if err := withinCaller(caller(ctx), in.Permissions); err != nil {
+				return platform.Errorf(platform.EFORBIDDEN, "a role may grant only what you hold; not %s", err)
 			}
 			return nil
 		},
@@ -659,4 +673,27 @@ func versionOf(ifMatch string) int64 {
 		n = n*10 + int64(c-'0')
 	}
 	return n
+}
+
+// withinCaller checks that p holds every permission of perms (a role it
+// would give or shape): nobody grants more than they hold, not even to
+// themselves. The error names the first permission p lacks.
+func withinCaller(p *platform.Principal, perms []string) error {
+	if p.Superadmin {
+		return nil
+	}
+	for _, text := range perms {
+		want, err := platform.ParsePermission(text)
+		if err != nil {
+			return errors.New(text)
+		}
+		covered := false
+		for _, mine := range p.Permissions {
+			covered = covered || mine.Covers(want)
+		}
+		if !covered {
+			return errors.New(want.String())
+		}
+	}
+	return nil
 }
