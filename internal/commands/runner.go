@@ -1,6 +1,7 @@
 package commands
 
 import (
+	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
@@ -9,6 +10,7 @@ import (
 	"strings"
 	"sync"
 	"time"
+	"unicode/utf8"
 
 	"github.com/hibiken/asynq"
 
@@ -289,6 +291,10 @@ func (r *Runner) outcome(ctx, runCtx context.Context, c *Claimed, def *tasks.Def
 		if merr != nil {
 			return failure("the result is not JSON: " + merr.Error())
 		}
+		if holdsNUL(raw) {
+			// PostgreSQL's jsonb holds no NUL character.
+			return failure("the result holds a NUL character (\\u0000), which cannot be stored; encode binary data, as base64 say")
+		}
 		if len(raw) > maxResult {
 			return failure(fmt.Sprintf("the result is %d bytes; at most %d", len(raw), maxResult))
 		}
@@ -334,12 +340,42 @@ func (r *Runner) retryable(c *Claimed, def *tasks.Definition, msg string) Outcom
 }
 
 func cleanError(err error) string {
-	msg := err.Error()
-	msg = strings.TrimSuffix(msg, ": "+asynq.SkipRetry.Error())
-	if len(msg) > 4000 {
-		msg = msg[:4000]
+	return storable(strings.TrimSuffix(err.Error(), ": "+asynq.SkipRetry.Error()), 4000)
+}
+
+// holdsNUL reports whether JSON text escapes a NUL character (\u0000, not
+// an escaped backslash followed by u0000).
+func holdsNUL(raw []byte) bool {
+	for i := bytes.Index(raw, []byte(`\u0000`)); i >= 0; {
+		slashes := 0
+		for j := i - 1; j >= 0 && raw[j] == '\\'; j-- {
+			slashes++
+		}
+		if slashes%2 == 0 {
+			return true
+		}
+		next := bytes.Index(raw[i+1:], []byte(`\u0000`))
+		if next < 0 {
+			return false
+		}
+		i += 1 + next
 	}
-	return msg
+	return false
+}
+
+// storable makes s text PostgreSQL stores: valid UTF-8, no NUL, at most max
+// bytes cut on a character boundary. A handler's message or error may be
+// anything; refused by the database, it would leave its command running.
+func storable(s string, max int) string {
+	s = strings.ToValidUTF8(strings.ReplaceAll(s, "\x00", ""), "\uFFFD")
+	if len(s) <= max {
+		return s
+	}
+	cut := max
+	for cut > 0 && !utf8.RuneStart(s[cut]) {
+		cut--
+	}
+	return s[:cut]
 }
 
 // afterward is a recorded outcome, for what follows it (see followUp).
@@ -363,6 +399,14 @@ func (r *Runner) finish(ctx context.Context, c *Claimed, o Outcome, ran time.Dur
 		done, err = r.record(c.ID, c.Attempt, o)
 		return err
 	})
+	if err != nil && !transient(err) {
+		// The database refused the outcome itself (a value it cannot
+		// hold): end the attempt failed with why, rather than leave it to
+		// its lease and run it again.
+		r.Logger.ErrorContext(ctx, "outcome refused by the database; recording a failure", "command_id", c.ID, "attempt", c.Attempt, "err", err)
+		o = failure("the outcome could not be stored: " + storable(err.Error(), 1000))
+		done, err = r.record(c.ID, c.Attempt, o)
+	}
 	if err != nil {
 		r.Logger.ErrorContext(ctx, "outcome not recorded; the lease will expire and the command run again", "command_id", c.ID, "attempt", c.Attempt, "err", err)
 		return
@@ -503,9 +547,7 @@ func (r *Runner) newReporter(ctx context.Context, c *platform.Command, announced
 
 func (rep *reporter) Report(percent int, message string) {
 	percent = max(0, min(100, percent))
-	if len(message) > 1000 {
-		message = message[:1000]
-	}
+	message = storable(message, 1000)
 	rep.mu.Lock()
 	rep.percent, rep.message, rep.dirty = percent, message, true
 	rep.startLocked()
@@ -513,9 +555,7 @@ func (rep *reporter) Report(percent int, message string) {
 }
 
 func (rep *reporter) Log(line string) {
-	if len(line) > 2000 {
-		line = line[:2000]
-	}
+	line = storable(line, 2000)
 	rep.mu.Lock()
 	if len(rep.lines) < 100 {
 		rep.lines = append(rep.lines, line)

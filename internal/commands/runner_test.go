@@ -22,6 +22,19 @@ func init() {
 		Type: "test:panic", MaxRetries: 0,
 		Handle: func(context.Context, *tasks.Run, struct{}) (any, error) { panic("kaboom") },
 	})
+	tasks.Register(tasks.Task[struct{}]{
+		Type: "test:nul-result", MaxRetries: 0,
+		Handle: func(context.Context, *tasks.Run, struct{}) (any, error) {
+			return map[string]string{"body": "a\x00b"}, nil
+		},
+	})
+	tasks.Register(tasks.Task[struct{}]{
+		Type: "test:odd-error", MaxRetries: 0,
+		Handle: func(context.Context, *tasks.Run, struct{}) (any, error) {
+			// A NUL, and a two-byte character across the cut at 4000 bytes.
+			return nil, errors.New("nul\x00" + strings.Repeat("x", 3993) + "éé\xff")
+		},
+	})
 }
 
 // newRunner returns a started runner on f's store, stopped when the test ends.
@@ -99,6 +112,10 @@ func TestRunnerOutcomes(t *testing.T) {
 			wantStatus: "failed", wantEvent: "failed", wantError: "the task panicked: kaboom"},
 		{name: "an unknown task fails", task: "test:unknown", payload: `{}`, retries: 3,
 			wantStatus: "failed", wantEvent: "failed", wantError: "no task"},
+		{name: "a result the database cannot hold fails, saying why", task: "test:nul-result", payload: `{}`,
+			wantStatus: "failed", wantEvent: "failed", wantError: "NUL character"},
+		{name: "an error of any bytes is stored, cut on a character", task: "test:odd-error", payload: `{}`,
+			wantStatus: "failed", wantEvent: "failed", wantError: "nulxxx"},
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
