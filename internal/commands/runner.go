@@ -23,8 +23,9 @@ import (
 
 // Why a command's context ended, as its cause.
 var (
-	errCanceled = errors.New("canceled by request")
-	errTimeout  = errors.New("timed out")
+	errCanceled  = errors.New("canceled by request")
+	errTimeout   = errors.New("timed out")
+	errLeaseLost = errors.New("the worker lost the attempt's lease")
 )
 
 // maxResult is the largest result a command may return.
@@ -167,21 +168,32 @@ func (r *Runner) stop(id string) {
 
 func (r *Runner) heartbeat(ctx context.Context) {
 	r.mu.Lock()
-	ids := make([]string, 0, len(r.running))
-	for id := range r.running {
-		ids = append(ids, id)
+	held := make([]Attempt, 0, len(r.running))
+	for id, e := range r.running {
+		held = append(held, Attempt{ID: id, Attempt: e.attempt})
 	}
 	r.mu.Unlock()
-	if len(ids) == 0 {
+	if len(held) == 0 {
 		return
 	}
-	cancel, err := r.store().Heartbeat(ctx, r.WorkerID, ids, r.lease())
+	ctx, cancel := context.WithTimeout(ctx, r.Heartbeat)
+	defer cancel()
+	stop, lost, err := r.store().Heartbeat(ctx, r.WorkerID, held, r.lease())
 	if err != nil {
 		r.Logger.WarnContext(ctx, "heartbeat failed", "err", err)
 		return
 	}
-	for _, id := range cancel {
+	for _, id := range stop {
 		r.stop(id)
+	}
+	// An attempt whose lease lapsed (the reconciler gave the command to
+	// another worker) must not run on: its handler is stopped.
+	for _, a := range lost {
+		r.mu.Lock()
+		if e, ok := r.running[a.ID]; ok && e.attempt == a.Attempt {
+			e.cancel(errLeaseLost)
+		}
+		r.mu.Unlock()
 	}
 }
 
@@ -262,12 +274,18 @@ func (r *Runner) execute(ctx context.Context, c *Claimed) Outcome {
 	defer cancel(nil)
 	runCtx, cancelTimeout := context.WithTimeoutCause(runCtx, time.Duration(c.TimeoutS)*time.Second, errTimeout)
 	defer cancelTimeout()
+	mine := &execution{attempt: c.Attempt, cancel: cancel}
 	r.mu.Lock()
-	r.running[c.ID] = &execution{attempt: c.Attempt, cancel: cancel}
+	if old, ok := r.running[c.ID]; ok {
+		old.cancel(errLeaseLost) // an older attempt still here lost its lease
+	}
+	r.running[c.ID] = mine
 	r.mu.Unlock()
 	defer func() {
 		r.mu.Lock()
-		delete(r.running, c.ID)
+		if r.running[c.ID] == mine {
+			delete(r.running, c.ID)
+		}
 		r.mu.Unlock()
 	}()
 
@@ -299,6 +317,9 @@ func (r *Runner) outcome(ctx, runCtx context.Context, c *Claimed, def *tasks.Def
 			return failure(fmt.Sprintf("the result is %d bytes; at most %d", len(raw), maxResult))
 		}
 		return Outcome{Status: platform.CommandSucceeded, Event: "succeeded", Result: raw}
+	case errors.Is(cause, errLeaseLost):
+		// Another attempt has the command: this outcome will be refused.
+		return Outcome{Status: platform.CommandQueued, Event: "requeued"}
 	case errors.Is(cause, errCanceled):
 		msg := "canceled"
 		return Outcome{Status: platform.CommandCanceled, Event: "canceled", Error: &msg}

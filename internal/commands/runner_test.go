@@ -425,3 +425,30 @@ func TestRunnerAdmitsWhatWaited(t *testing.T) {
 		})
 	}
 }
+
+// A worker whose lease on an attempt lapsed, and which another worker now
+// runs, stops its handler at its next heartbeat: the command never runs
+// twice at once.
+func TestRunnerStopsAnAttemptItLost(t *testing.T) {
+	t.Parallel()
+	f := newFixture(t, Limits{100, 100})
+	r, _ := f.newRunner(context.Background(), 100*time.Millisecond)
+	agent := f.newAgent(f.org, nil)
+	c := f.dispatchRaw(agent, "agent:sleep", `{"milliseconds":20000}`, nil)
+	done := make(chan error, 1)
+	go func() { done <- r.ProcessTask(context.Background(), task(c.ID, 1)) }()
+	f.waitStatus(c.ID, "running", 5*time.Second)
+	// As the reconciler and another worker would leave it.
+	f.exec(`UPDATE commands SET attempt = 2, worker_id = 'w2' WHERE id = $1`, c.ID)
+	select {
+	case err := <-done:
+		if err != nil {
+			t.Fatalf("ProcessTask: %v", err)
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("the handler of a lost attempt still runs")
+	}
+	if got := f.get(c.ID); got.Status != "running" || got.Attempt != 2 || got.WorkerID == nil || *got.WorkerID != "w2" {
+		t.Fatalf("the stale worker's outcome changed the command: %s attempt %d", got.Status, got.Attempt)
+	}
+}

@@ -516,28 +516,47 @@ func (s *Store) Progress(ctx context.Context, id string, attempt, percent int, m
 	return n == 1, err
 }
 
-// Heartbeat extends the leases of a worker's running commands and returns
-// the ids of those whose cancellation was requested.
-func (s *Store) Heartbeat(ctx context.Context, worker string, ids []string, lease time.Duration) (cancel []string, err error) {
-	var rows []struct {
-		ID     string `db:"id"`
-		Cancel bool   `db:"cancel"`
+// Heartbeat extends the leases of the attempts a worker runs. It returns
+// the ids of those whose cancellation was requested, and the attempts the
+// worker no longer holds (their lease lapsed and the command went on
+// without it, or the command is gone), whose handlers must stop.
+func (s *Store) Heartbeat(ctx context.Context, worker string, held []Attempt, lease time.Duration) (cancel []string, lost []Attempt, err error) {
+	ids, nums := make([]string, len(held)), make([]int64, len(held))
+	for i, a := range held {
+		ids[i], nums[i] = a.ID, int64(a.Attempt)
 	}
-	// Extends the leases the worker holds; returns each with whether it
-	// should stop.
-	// A command another transaction holds (its outcome being recorded, a
-	// cancel) is skipped, not waited for: its lease has two more heartbeats
-	// to go, and waiting could deadlock with a batch of outcomes.
-	err = s.sel(ctx, &rows, `UPDATE commands SET lease_until = now() + $3 * interval '1 millisecond'
-		WHERE id IN (SELECT id FROM commands WHERE id = ANY($2::uuid[]) AND worker_id = $1 AND status = 'running'
-			FOR NO KEY UPDATE SKIP LOCKED)
-		RETURNING id, cancel_requested_at IS NOT NULL AS cancel`, worker, pq.Array(ids), lease.Milliseconds())
+	var rows []struct {
+		ID      string `db:"id"`
+		Attempt int    `db:"attempt"`
+		Cancel  bool   `db:"cancel"`
+		Lost    bool   `db:"lost"`
+	}
+	// Extends the leases the worker holds, and says which it no longer
+	// holds. A command another transaction holds (its outcome being
+	// recorded, a cancel) is skipped, not waited for: its lease has two
+	// more heartbeats to go, and waiting could deadlock with a batch of
+	// outcomes; it is judged lost only from what is committed.
+	err = s.sel(ctx, &rows, `WITH req AS (SELECT * FROM unnest($2::uuid[], $3::integer[]) AS r(id, attempt)),
+		mine AS (SELECT c.id FROM commands c JOIN req r ON r.id = c.id
+			WHERE c.id = ANY($2::uuid[]) AND c.worker_id = $1 AND c.status = 'running' AND c.attempt = r.attempt
+			FOR NO KEY UPDATE OF c SKIP LOCKED),
+		upd AS (UPDATE commands SET lease_until = now() + $4 * interval '1 millisecond'
+			WHERE id IN (SELECT id FROM mine)
+			RETURNING id, attempt, cancel_requested_at IS NOT NULL AS cancel)
+		SELECT id, attempt, cancel, false AS lost FROM upd
+		UNION ALL
+		SELECT r.id, r.attempt, false, true FROM req r
+			WHERE NOT EXISTS (SELECT 1 FROM commands c WHERE c.id = r.id AND c.worker_id = $1 AND c.status = 'running' AND c.attempt = r.attempt)`,
+		worker, pq.Array(ids), pq.Array(nums), lease.Milliseconds())
 	for _, r := range rows {
-		if r.Cancel {
+		switch {
+		case r.Lost:
+			lost = append(lost, Attempt{ID: r.ID, Attempt: r.Attempt})
+		case r.Cancel:
 			cancel = append(cancel, r.ID)
 		}
 	}
-	return cancel, err
+	return cancel, lost, err
 }
 
 // Cancel cancels a queued command at once, or asks the worker running it

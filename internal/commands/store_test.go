@@ -577,12 +577,21 @@ func TestCancel(t *testing.T) {
 	if err := f.db.Get(&asks, `SELECT count(*) FROM command_events WHERE command_id = $1 AND type = 'cancel_requested'`, running.ID); err != nil || asks != 1 {
 		t.Fatalf("cancel_requested events: want 1, got %d (%v)", asks, err)
 	}
-	cancel, err := f.store.Heartbeat(ctx, "w1", []string{running.ID}, time.Minute)
-	if err != nil || !slices.Equal(cancel, []string{running.ID}) {
-		t.Fatalf("heartbeat: want the cancellation heard, got %v (%v)", cancel, err)
+	held := []Attempt{{ID: running.ID, Attempt: 1}}
+	cancel, lost, err := f.store.Heartbeat(ctx, "w1", held, time.Minute)
+	if err != nil || !slices.Equal(cancel, []string{running.ID}) || len(lost) != 0 {
+		t.Fatalf("heartbeat: want the cancellation heard, got %v, lost %v (%v)", cancel, lost, err)
 	}
-	if cancel, _ := f.store.Heartbeat(ctx, "w2", []string{running.ID}, time.Minute); len(cancel) != 0 {
-		t.Fatalf("another worker's heartbeat: want nothing, got %v", cancel)
+	// Another worker, or this one for another attempt, holds nothing: its
+	// handler must stop.
+	for _, hb := range []struct {
+		worker string
+		held   []Attempt
+	}{{"w2", held}, {"w1", []Attempt{{ID: running.ID, Attempt: 2}}}} {
+		cancel, lost, err := f.store.Heartbeat(ctx, hb.worker, hb.held, time.Minute)
+		if err != nil || len(cancel) != 0 || !slices.Equal(lost, hb.held) {
+			t.Fatalf("%s %v: want it lost, got cancel %v, lost %v (%v)", hb.worker, hb.held, cancel, lost, err)
+		}
 	}
 }
 
