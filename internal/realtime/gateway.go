@@ -303,6 +303,15 @@ func (g *Gateway) unsubscribe(c *conn, topic string) {
 	last := len(subs) == 0
 	if last {
 		delete(g.topics, topic)
+		// A subscription Redis never confirmed (it was down) is given up
+		// with its topic: left waiting, it would take the confirmation of
+		// the topic's next subscription, and hold back its events, for
+		// good.
+		channel := g.Events.Channel(topic)
+		for _, w := range g.waiting[channel] {
+			close(w)
+		}
+		delete(g.waiting, channel)
 	}
 	g.mu.Unlock()
 	g.Metrics.Subscriptions(-1)

@@ -837,3 +837,30 @@ func TestClientThatStopsReadingTimesOutAsSlow(t *testing.T) {
 		}
 	}
 }
+
+// A subscription Redis never confirmed (it was down at the time) is given
+// up with its topic: the topic's next subscriber is confirmed and gets its
+// events, instead of timing out on the stale wait for good.
+func TestUnconfirmedSubscriptionDoesNotBreakItsTopic(t *testing.T) {
+	t.Parallel()
+	f := newFixture(t, 64)
+	a := f.dial("a", "s1")
+	a.subscribe("agent:t2", "")
+	// As a subscribe during a Redis outage leaves it: a wait no
+	// confirmation will end.
+	f.g.mu.Lock()
+	channel := f.g.Events.Channel("agent:t2")
+	f.g.waiting[channel] = append(f.g.waiting[channel], make(chan struct{}))
+	f.g.mu.Unlock()
+	a.send("unsubscribe", "agent:t2", "")
+	a.expect("unsubscribed", "agent:t2")
+
+	b := f.dial("b", "s2")
+	b.subscribe("agent:t2", "")
+	if err := f.bus.Publish(context.Background(), "ev", map[string]any{"n": 0}, "agent:t2"); err != nil {
+		t.Fatal(err)
+	}
+	if m := b.read(); m.Type != "ev" || m.Topic != "agent:t2" {
+		t.Fatalf("want the topic's event, got %s on %s: %s", m.Type, m.Topic, m.Data)
+	}
+}
