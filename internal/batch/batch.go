@@ -191,7 +191,9 @@ func Align[R any, K comparable](rows []R, key func(R) K, keys []K) []R {
 }
 
 // runWithRetry runs a batch, again if PostgreSQL chose it as a deadlock's
-// victim (batches of concurrent workers lock agents' rows in no set order).
+// victim or refused it for a serialization failure (the pipeline's
+// statements lock agents in id order, but a batch's rows of commands and
+// the statements of other callers may still cross).
 func (b *Batcher[T, R]) runWithRetry(in []T) ([]R, error) {
 	for try := 0; ; try++ {
 		ctx, cancel := context.WithTimeout(context.Background(), batchTimeout)

@@ -69,7 +69,10 @@ func (q *Queue) Enqueue(ctx context.Context, id string, attempt int, timeout, de
 	opts := []asynq.Option{
 		asynq.Queue(q.name),
 		asynq.TaskID(TaskID(id, attempt)),
-		asynq.MaxRetry(0),
+		// Asynq retries a task only when its claim could not reach
+		// PostgreSQL (the handler's own failures are the pipeline's
+		// retries); the claim's fence makes a repeat harmless.
+		asynq.MaxRetry(5),
 		// The worker enforces the command's timeout; this is a backstop.
 		asynq.Timeout(timeout + time.Minute),
 	}

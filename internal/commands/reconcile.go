@@ -169,8 +169,14 @@ func (r *Reconciler) requeueLost(ctx context.Context) (int, error) {
 		case err != nil:
 			continue
 		case state == "archived" || state == "completed":
-			if r.Inspector != nil {
-				_ = r.Inspector.DeleteTask(d.Queue.Name(), TaskID(c.ID, c.Attempt+1))
+			// Its id must be free again, or the enqueue below would be a
+			// silent no-op (the queue deduplicates by id).
+			if r.Inspector == nil {
+				continue
+			}
+			if err := r.Inspector.DeleteTask(d.Queue.Name(), TaskID(c.ID, c.Attempt+1)); err != nil {
+				r.Logger.WarnContext(ctx, "a finished queue task could not be removed; retrying next pass", "command_id", c.ID, "err", err)
+				continue
 			}
 		case state == "active":
 			// Dequeued but never claimed: if the worker's Asynq lease

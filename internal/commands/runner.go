@@ -645,8 +645,14 @@ func (rep *reporter) flush(final bool) {
 	if !dirty && len(lines) == 0 {
 		return
 	}
-	ok, err := rep.r.store().Progress(rep.ctx, rep.cmd.ID, rep.cmd.Attempt, percent, message, lines)
-	if err != nil || !ok {
+	ctx, cancel := context.WithTimeout(rep.ctx, 10*time.Second) // the outcome waits for the last write
+	ok, err := rep.r.store().Progress(ctx, rep.cmd.ID, rep.cmd.Attempt, percent, message, lines)
+	cancel()
+	if err != nil {
+		rep.r.Logger.Warn("progress not recorded", "command_id", rep.cmd.ID, "err", err)
+		return
+	}
+	if !ok {
 		return
 	}
 	rep.cmd.Progress, rep.cmd.Message = percent, message

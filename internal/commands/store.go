@@ -29,8 +29,9 @@ type Limits struct {
 }
 
 // Store is the pipeline's SQL. Every write that changes a command's status
-// also records the event in command_events and sets the agent's status, in
-// the same statement.
+// also records the event in command_events, in the same statement, and so
+// does every one that can change its agent's status (a retry re-queues a
+// failed command without changing its agent's: its next claim does).
 type Store struct {
 	DB     *sqlx.DB
 	Limits Limits
@@ -254,7 +255,12 @@ func (s *Store) AdmitOrg(ctx context.Context, orgID string) ([]Admitted, error) 
 func (s *Store) WaitingAgents(ctx context.Context, orgID string, limit int) ([]string, error) {
 	var out []string
 	if orgID == "" {
-		err := s.DB.SelectContext(ctx, &out, `SELECT DISTINCT agent_id FROM commands WHERE status = 'queued' AND admitted_at IS NULL LIMIT $1`, limit)
+		// The longest waiting first, and not the backlogs of disabled
+		// agents, which wait for them: a pass over many backlogs that
+		// cannot move must not starve the others.
+		err := s.DB.SelectContext(ctx, &out, `SELECT w.agent_id FROM commands w JOIN agents a ON a.id = w.agent_id
+			WHERE w.status = 'queued' AND w.admitted_at IS NULL AND a.status <> 'disabled'
+			GROUP BY w.agent_id ORDER BY min(w.created_at) LIMIT $1`, limit)
 		return out, err
 	}
 	err := s.DB.SelectContext(ctx, &out, `SELECT DISTINCT agent_id FROM commands WHERE org_id = $1 AND status = 'queued' AND admitted_at IS NULL LIMIT $2`, orgID, limit)
@@ -693,12 +699,22 @@ func (s *Store) Sweep(ctx context.Context, retention time.Duration) (int64, erro
 		WHERE idempotency_key IS NOT NULL AND created_at < now() - interval '24 hours'`); err != nil {
 		return 0, err
 	}
-	res, err := s.DB.ExecContext(ctx, `DELETE FROM commands WHERE id IN (
-		SELECT id FROM commands WHERE finished_at < now() - $1 * interval '1 millisecond' LIMIT 10000)`, retention.Milliseconds())
-	if err != nil {
-		return 0, err
+	// In rounds of 10,000 (short transactions), until none is left or the
+	// pass has had its time.
+	var total int64
+	deadline := time.Now().Add(20 * time.Second)
+	for {
+		res, err := s.DB.ExecContext(ctx, `DELETE FROM commands WHERE id IN (
+			SELECT id FROM commands WHERE finished_at < now() - $1 * interval '1 millisecond' LIMIT 10000)`, retention.Milliseconds())
+		if err != nil {
+			return total, err
+		}
+		n, err := res.RowsAffected()
+		total += n
+		if err != nil || n < 10000 || time.Now().After(deadline) {
+			return total, err
+		}
 	}
-	return res.RowsAffected()
 }
 
 // FixAgentStatuses recomputes the statuses a crash left wrong (busy with

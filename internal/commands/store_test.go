@@ -690,3 +690,39 @@ func TestAdmitOrg(t *testing.T) {
 		t.Fatalf("at the limit: want nothing more, got %d (%v)", len(got), err)
 	}
 }
+
+// The reconciler's pass over backlogs takes the longest waiting first and
+// skips disabled agents' backlogs, which cannot move: many of them must
+// not starve the others.
+func TestWaitingAgentsOldestMovableFirst(t *testing.T) {
+	t.Parallel()
+	f := newFixture(t, Limits{100, 100})
+	disabled, older, newer := f.newAgent(f.org, nil), f.newAgent(f.org, nil), f.newAgent(f.org, nil)
+	f.insert(f.org, disabled, nil)
+	f.insert(f.org, older, nil)
+	f.insert(f.org, newer, nil)
+	f.exec(`UPDATE agents SET status = 'disabled' WHERE id = $1`, disabled)
+	got, err := f.store.WaitingAgents(context.Background(), "", 1)
+	if err != nil || !slices.Equal(got, []string{older}) {
+		t.Fatalf("want the oldest movable backlog, %s, got %v (%v)", older, got, err)
+	}
+}
+
+// Sweeping deletes every finished command past the retention, not 10,000
+// a pass.
+func TestSweepDeletesAllThatExpired(t *testing.T) {
+	t.Parallel()
+	f := newFixture(t, Limits{100, 100})
+	agent := f.newAgent(f.org, nil)
+	f.exec(`INSERT INTO commands (id, org_id, owner_id, agent_id, task, payload, status, finished_at, timeout_s, max_retries)
+		SELECT gen_random_uuid(), $1, $2, $3, 'agent:echo', '{}', 'succeeded', now() - interval '40 days', 60, 0
+		FROM generate_series(1, 10050)`, f.org, f.user, agent)
+	kept := f.insert(f.org, agent, nil)
+	n, err := f.store.Sweep(context.Background(), 30*24*time.Hour)
+	if err != nil || n != 10050 {
+		t.Fatalf("want 10050 swept, got %d (%v)", n, err)
+	}
+	if f.get(kept.ID) == nil {
+		t.Fatal("a live command was swept")
+	}
+}
