@@ -51,6 +51,10 @@ type Runner struct {
 	RecordLinger time.Duration
 	// OnFinish is told of every command that ended (notifications).
 	OnFinish func(ctx context.Context, c *platform.Command)
+	// HandlerGrace is how long a handler may go on after its context ended
+	// (cancel, timeout, shutdown) before the attempt ends without it
+	// (default 10s).
+	HandlerGrace time.Duration
 
 	batchOnce sync.Once
 	claims    *batch.Batcher[Attempt, *Claimed]
@@ -291,12 +295,46 @@ func (r *Runner) execute(ctx context.Context, c *Claimed) Outcome {
 
 	rep := r.newReporter(ctx, &c.Command, c.announced)
 	run.Progress = rep
-	result, err := safeExecute(runCtx, def, run, c.Payload)
+	result, err := r.await(runCtx, c, def, run)
 	o := r.outcome(ctx, runCtx, c, def, result, err)
 	if percent, message, pending := rep.close(); pending {
 		o.Progress, o.Message = &percent, &message // written with the outcome
 	}
 	return o
+}
+
+// await runs the handler and returns what it returned, or, if it goes on
+// for HandlerGrace after its context ended (it ignores its context), gives
+// up on it with the context's cause: a cancel or a timeout must end the
+// command even then, or it would hold its agent's slot for good.
+func (r *Runner) await(runCtx context.Context, c *Claimed, def *tasks.Definition, run *tasks.Run) (any, error) {
+	type returned struct {
+		result any
+		err    error
+	}
+	out := make(chan returned, 1)
+	go func() {
+		result, err := safeExecute(runCtx, def, run, c.Payload)
+		out <- returned{result, err}
+	}()
+	select {
+	case ret := <-out:
+		return ret.result, ret.err
+	case <-runCtx.Done():
+	}
+	grace := r.HandlerGrace
+	if grace <= 0 {
+		grace = 10 * time.Second
+	}
+	t := time.NewTimer(grace)
+	defer t.Stop()
+	select {
+	case ret := <-out:
+		return ret.result, ret.err
+	case <-t.C:
+		r.Logger.Warn("the handler did not stop after its context ended; the attempt ends without it", "command_id", c.ID, "attempt", c.Attempt, "task", c.Task, "grace", grace)
+		return nil, context.Cause(runCtx)
+	}
 }
 
 // outcome says how an attempt ended from what the handler returned and why

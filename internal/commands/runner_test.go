@@ -17,10 +17,20 @@ import (
 	"github.com/agentry/agentry/tasks"
 )
 
+// stubborn holds test:stubborn's handlers until the tests end.
+var stubborn = make(chan struct{})
+
 func init() {
 	tasks.Register(tasks.Task[struct{}]{
 		Type: "test:panic", MaxRetries: 0,
 		Handle: func(context.Context, *tasks.Run, struct{}) (any, error) { panic("kaboom") },
+	})
+	tasks.Register(tasks.Task[struct{}]{
+		Type: "test:stubborn", MaxRetries: 0,
+		Handle: func(context.Context, *tasks.Run, struct{}) (any, error) {
+			<-stubborn // ignores its context
+			return "done", nil
+		},
 	})
 	tasks.Register(tasks.Task[struct{}]{
 		Type: "test:nul-result", MaxRetries: 0,
@@ -450,5 +460,37 @@ func TestRunnerStopsAnAttemptItLost(t *testing.T) {
 	}
 	if got := f.get(c.ID); got.Status != "running" || got.Attempt != 2 || got.WorkerID == nil || *got.WorkerID != "w2" {
 		t.Fatalf("the stale worker's outcome changed the command: %s attempt %d", got.Status, got.Attempt)
+	}
+}
+
+// A handler that ignores its context does not keep its command running: a
+// cancel ends it canceled once the handler's grace is over.
+func TestRunnerGivesUpOnAHandlerThatIgnoresCancel(t *testing.T) {
+	t.Parallel()
+	f := newFixture(t, Limits{100, 100})
+	r, d := f.newRunner(context.Background(), time.Second)
+	r.HandlerGrace = 200 * time.Millisecond
+	t.Cleanup(func() { close(stubborn) }) // the abandoned handler ends with the test
+	agent := f.newAgent(f.org, nil)
+	c := f.dispatchRaw(agent, "test:stubborn", `{}`, nil)
+	done := make(chan error, 1)
+	go func() { done <- r.ProcessTask(context.Background(), task(c.ID, 1)) }()
+	running := f.waitStatus(c.ID, "running", 5*time.Second)
+	if _, err := d.Cancel(context.Background(), running); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case err := <-done:
+		if err != nil {
+			t.Fatalf("ProcessTask: %v", err)
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("the command still runs with its stubborn handler")
+	}
+	if got := f.get(c.ID); got.Status != "canceled" {
+		t.Fatalf("want canceled, got %s", got.Status)
+	}
+	if s := f.agentStatus(agent); s == "busy" {
+		t.Fatalf("the agent stays busy")
 	}
 }
