@@ -584,6 +584,17 @@ type aclGetInput struct {
 	ID string `path:"id" format:"uuid" doc:"The resource id."`
 }
 
+// Resolve refuses query parameters: the list takes none, and one it
+// ignored would answer what was not asked.
+func (in *aclGetInput) Resolve(ctx huma.Context) []error {
+	var errs []error
+	u := ctx.URL()
+	for name := range u.Query() {
+		errs = append(errs, &huma.ErrorDetail{Location: "query." + name, Message: "unknown parameter; this list takes none"})
+	}
+	return errs
+}
+
 // registerACL adds the ACL routes of one resource: who may do what on it.
 func (r *resource[T, In]) registerACL(item string) {
 	one, _ := r.names()

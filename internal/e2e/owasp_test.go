@@ -352,6 +352,13 @@ func TestOWASPAPI5NoOneGrantsMoreThanTheyHold(t *testing.T) {
 	secExpect(t, "the denied owner lifts the deny", memIn.Do("DELETE", mine+"/acl/"+deny, nil), 404)
 	secExpect(t, "the denied owner reads", memIn.Do("GET", mine, nil), 404)
 	alice.Must(200, "GET", mine+"/acl", nil)
+
+	// Lists of access refuse what they do not know, as every list does.
+	for _, path := range []string{mine + "/acl?foo=1", "/v1/acl?foo=1", "/v1/audit?foo=1"} {
+		secExpect(t, "GET "+path, alice.Do("GET", path, nil), 400)
+	}
+	alice.Must(200, "GET", "/v1/acl?resource_type=Agent", nil)
+	alice.Must(200, "GET", "/v1/audit?outcome=denied&page_size=5", nil)
 }
 
 // secForge signs claims with method and key.
