@@ -98,7 +98,7 @@ func (d *Dispatcher) Dispatch(ctx context.Context, p *platform.Principal, agent 
 	if err != nil {
 		return nil, false, err
 	}
-	if allowed, ok := agent.Config["allowed_tasks"].([]any); ok && !containsString(allowed, req.Task) {
+	if !agent.Allows(req.Task) {
 		return nil, false, platform.Invalid("task not allowed", platform.FieldError{Field: "body.task", Message: "this agent's config does not allow " + req.Task})
 	}
 	c := &platform.Command{
@@ -106,11 +106,8 @@ func (d *Dispatcher) Dispatch(ctx context.Context, p *platform.Principal, agent 
 		AgentID:    agent.ID,
 		Task:       req.Task,
 		Payload:    compact(req.Payload),
-		TimeoutS:   int(def.Timeout().Seconds()),
+		TimeoutS:   agent.CommandTimeoutS(int(def.Timeout().Seconds())),
 		MaxRetries: def.MaxRetries(),
-	}
-	if n, ok := agent.Config["command_timeout_s"].(float64); ok && n >= 1 {
-		c.TimeoutS = int(n)
 	}
 	if req.TimeoutS != nil {
 		c.TimeoutS = *req.TimeoutS
@@ -275,7 +272,7 @@ func (d *Dispatcher) Retry(ctx context.Context, c *platform.Command) (*platform.
 	if agent.Status == platform.AgentDisabled {
 		return nil, platform.Errorf(platform.ECONFLICT, "the agent is disabled; enable it first")
 	}
-	if allowed, ok := agent.Config["allowed_tasks"].([]any); ok && !containsString(allowed, c.Task) {
+	if !agent.Allows(c.Task) {
 		return nil, platform.Errorf(platform.ECONFLICT, "the agent's config no longer allows %s", c.Task)
 	}
 	out, err := d.Store.Retry(ctx, c.ID)
@@ -355,13 +352,4 @@ func compact(raw json.RawMessage) json.RawMessage {
 		return raw
 	}
 	return out
-}
-
-func containsString(list []any, s string) bool {
-	for _, v := range list {
-		if v == s {
-			return true
-		}
-	}
-	return false
 }

@@ -584,13 +584,23 @@ type aclGetInput struct {
 	ID string `path:"id" format:"uuid" doc:"The resource id."`
 }
 
-// Resolve refuses query parameters: the list takes none, and one it
-// ignored would answer what was not asked.
-func (in *aclGetInput) Resolve(ctx huma.Context) []error {
+// Resolve refuses query parameters: the list takes none.
+func (in *aclGetInput) Resolve(ctx huma.Context) []error { return OnlyParams(ctx) }
+
+// OnlyParams refuses query parameters other than names, for a Resolve of
+// an operation's input: one it ignored (misspelt, say) would answer what
+// was not asked.
+func OnlyParams(ctx huma.Context, names ...string) []error {
 	var errs []error
 	u := ctx.URL()
 	for name := range u.Query() {
-		errs = append(errs, &huma.ErrorDetail{Location: "query." + name, Message: "unknown parameter; this list takes none"})
+		if !slices.Contains(names, name) {
+			msg := "unknown parameter; this operation takes none"
+			if len(names) > 0 {
+				msg = "unknown parameter; this operation takes " + strings.Join(names, ", ")
+			}
+			errs = append(errs, &huma.ErrorDetail{Location: "query." + name, Message: msg})
+		}
 	}
 	return errs
 }

@@ -152,11 +152,7 @@ func keyScope(p *platform.Principal, requested []string) (platform.JSONList, err
 			bad = append(bad, platform.FieldError{Field: "body.permissions[" + strconv.Itoa(i) + "]", Message: err.Error()})
 			continue
 		}
-		covered := p.Superadmin
-		for _, mine := range p.Permissions {
-			covered = covered || mine.Covers(perm)
-		}
-		if !covered {
+		if !p.Holds(perm) {
 			bad = append(bad, platform.FieldError{Field: "body.permissions[" + strconv.Itoa(i) + "]", Message: "wider than your own permissions"})
 			continue
 		}
@@ -174,7 +170,7 @@ type aclTypeInput struct {
 
 // Resolve refuses unknown query parameters, as every list does.
 func (in *aclTypeInput) Resolve(ctx huma.Context) []error {
-	return onlyParams(ctx, "resource_type")
+	return crud.OnlyParams(ctx, "resource_type")
 }
 
 type aclGrantTypeInput struct {
@@ -272,7 +268,7 @@ type auditInput struct {
 
 // Resolve refuses unknown query parameters, as every list does.
 func (in *auditInput) Resolve(ctx huma.Context) []error {
-	return onlyParams(ctx, "page", "page_size", "action", "outcome", "actor_id", "since", "until")
+	return crud.OnlyParams(ctx, "page", "page_size", "action", "outcome", "actor_id", "since", "until")
 }
 
 type auditOutput struct {

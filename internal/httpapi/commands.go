@@ -5,7 +5,6 @@ import (
 	"encoding/json"
 	"errors"
 	"net/http"
-	"slices"
 	"time"
 
 	"github.com/danielgtaylor/huma/v2"
@@ -53,7 +52,7 @@ type eventsInput struct {
 
 // Resolve refuses unknown query parameters, as every list does.
 func (in *eventsInput) Resolve(ctx huma.Context) []error {
-	return onlyParams(ctx, "after", "limit")
+	return crud.OnlyParams(ctx, "after", "limit")
 }
 
 type eventsOutput struct {
@@ -325,7 +324,7 @@ func (s *Server) scheduleRoutes(d Deps, res *Resources) {
 			if a.OrgID != sc.OrgID {
 				return platform.Invalid("unknown agent", platform.FieldError{Field: "body.agent_id", Message: "no agent you can command has this id"})
 			}
-			if allowed, ok := a.Config["allowed_tasks"].([]any); ok && !slices.Contains(allowed, any(sc.Task)) {
+			if !a.Allows(sc.Task) {
 				return platform.Invalid("task not allowed", platform.FieldError{Field: "body.task", Message: "this agent's config does not allow " + sc.Task})
 			}
 		}

@@ -216,7 +216,7 @@ type listNotificationsInput struct {
 
 // Resolve refuses unknown query parameters, as every list does.
 func (in *listNotificationsInput) Resolve(ctx huma.Context) []error {
-	return onlyParams(ctx, "page", "page_size", "unread")
+	return crud.OnlyParams(ctx, "page", "page_size", "unread")
 }
 
 type notificationsOutput struct {

@@ -12,7 +12,6 @@ import (
 	"io/fs"
 	"log/slog"
 	"net/http"
-	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -322,17 +321,4 @@ func documentSpec(doc *huma.OpenAPI) ([]byte, error) {
 		}
 	}
 	return json.Marshal(spec)
-}
-
-// onlyParams refuses query parameters other than names: an operation that
-// ignored a misspelt one would answer what was not asked.
-func onlyParams(ctx huma.Context, names ...string) []error {
-	var errs []error
-	u := ctx.URL()
-	for name := range u.Query() {
-		if !slices.Contains(names, name) {
-			errs = append(errs, &huma.ErrorDetail{Location: "query." + name, Message: "unknown parameter; this operation takes " + strings.Join(names, ", ")})
-		}
-	}
-	return errs
 }

@@ -1,5 +1,7 @@
 package platform
 
+import "slices"
+
 // Agent statuses. The platform sets them: busy while the agent runs a
 // command, idle otherwise, error after its last command failed, disabled
 // when a user disabled it (it then refuses commands).
@@ -30,6 +32,22 @@ func (a *Agent) MaxConcurrency() int {
 		return int(n)
 	}
 	return 1
+}
+
+// Allows reports whether the agent's config lets it run task: its
+// allowed_tasks name it, or there is no such list.
+func (a *Agent) Allows(task string) bool {
+	allowed, ok := a.Config["allowed_tasks"].([]any)
+	return !ok || slices.Contains(allowed, any(task))
+}
+
+// CommandTimeoutS is the timeout, in seconds, of the agent's commands that
+// set none: its config's command_timeout_s, else def.
+func (a *Agent) CommandTimeoutS(def int) int {
+	if n, ok := a.Config["command_timeout_s"].(float64); ok && n >= 1 {
+		return int(n)
+	}
+	return def
 }
 
 // Environment is a named set of variables and write-only secrets that the

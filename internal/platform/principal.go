@@ -68,6 +68,20 @@ func (p *Principal) HasRole(name string) bool {
 	return false
 }
 
+// Holds reports whether p's own permissions cover all that q grants (a
+// superadmin holds everything): what p may hand on, to a key or a role.
+func (p *Principal) Holds(q Permission) bool {
+	if p.Superadmin {
+		return true
+	}
+	for _, mine := range p.Permissions {
+		if mine.Covers(q) {
+			return true
+		}
+	}
+	return false
+}
+
 // IsOrgAdmin reports whether p administers its organization (owner or admin).
 func (p *Principal) IsOrgAdmin() bool {
 	return p.HasRole(RoleOwner) || p.HasRole(RoleAdmin)

@@ -12,7 +12,6 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
-	"slices"
 	"strings"
 	"sync"
 	"time"
@@ -314,7 +313,7 @@ func (f *Firer) command(ctx context.Context, tx *sqlx.Tx, s *Schedule, at time.T
 	if agent.Status == platform.AgentDisabled {
 		return skip("the schedule's agent is disabled")
 	}
-	if allowed, ok := agent.Config["allowed_tasks"].([]any); ok && !slices.Contains(allowed, any(s.Task)) {
+	if !agent.Allows(s.Task) {
 		return skip("the schedule's agent no longer allows its task")
 	}
 	if f.MayCommand != nil {
@@ -328,26 +327,18 @@ func (f *Firer) command(ctx context.Context, tx *sqlx.Tx, s *Schedule, at time.T
 	}
 	payload, _ := json.Marshal(map[string]any(s.Payload))
 	c := &platform.Command{}
-	// Inserts the fire time's command if the owner is still a member, the
-	// agent enabled and its allowed_tasks (if any) name the task (checked
-	// again, on the row as the insert sees it); does nothing if this fire
-	// time already fired.
+	// Inserts the fire time's command if the owner is still a member; does
+	// nothing if this fire time already fired.
 	err = tx.GetContext(ctx, c, `WITH done AS (
 			INSERT INTO commands (id, org_id, owner_id, agent_id, task, payload, timeout_s, max_retries, schedule_id, fire_time)
-			SELECT $1, $2, $3, $4, $5, $6,
-				CASE WHEN jsonb_typeof(a.config->'command_timeout_s') = 'number' AND (a.config->>'command_timeout_s')::numeric >= 1
-					THEN LEAST(floor((a.config->>'command_timeout_s')::numeric), 2147483647)::integer ELSE $7 END,
-				$8, $9, $10
-			FROM agents a
-			WHERE a.id = $4 AND a.org_id = $2 AND a.status <> 'disabled'
-			  AND (jsonb_typeof(a.config->'allowed_tasks') IS DISTINCT FROM 'array' OR a.config->'allowed_tasks' ? $5)
-			  AND EXISTS (SELECT 1 FROM memberships m WHERE m.org_id = $2 AND m.user_id = $3)
+			SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10
+			WHERE EXISTS (SELECT 1 FROM memberships m WHERE m.org_id = $2 AND m.user_id = $3)
 			ON CONFLICT DO NOTHING
 			RETURNING *),
 		ev AS (INSERT INTO command_events (command_id, type, status, data)
 			SELECT id, 'queued', status, jsonb_build_object('schedule_id', schedule_id, 'fire_time', fire_time) FROM done)
 		SELECT * FROM done`,
-		uuid.NewString(), s.OrgID, s.OwnerID, s.AgentID, s.Task, string(payload), int(def.Timeout().Seconds()), def.MaxRetries(), s.ID, at)
+		uuid.NewString(), s.OrgID, s.OwnerID, s.AgentID, s.Task, string(payload), agent.CommandTimeoutS(int(def.Timeout().Seconds())), def.MaxRetries(), s.ID, at)
 	if errors.Is(err, sql.ErrNoRows) {
 		return nil, nil
 	}
