@@ -6,12 +6,10 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"net"
 	"net/http"
 	"strconv"
 	"strings"
 	"sync"
-	"syscall"
 	"testing"
 	"time"
 
@@ -19,6 +17,7 @@ import (
 	"github.com/redis/go-redis/v9"
 
 	"github.com/agentry/agentry/internal/events"
+	"github.com/agentry/agentry/internal/testenv"
 )
 
 // wsMsg is a message of the gateway.
@@ -479,16 +478,8 @@ func TestRealtimeSlowClientIsCutOff(t *testing.T) {
 	topic := events.AgentTopic(agent)
 
 	// The slow client reads nothing, through a small receive window.
-	small := *websocket.DefaultDialer
-	small.NetDialContext = (&net.Dialer{Control: func(_, _ string, rc syscall.RawConn) error {
-		var err error
-		_ = rc.Control(func(fd uintptr) {
-			err = syscall.SetsockoptInt(int(fd), syscall.SOL_SOCKET, syscall.SO_RCVBUF, 4096)
-		})
-		return err
-	}}).DialContext
 	h := http.Header{"Authorization": {"Bearer " + u.Token}}
-	slow := wsDialWith(t, &small, wsURL(api, ""), h)
+	slow := wsDialWith(t, testenv.SmallBufferDialer(), wsURL(api, ""), h)
 	fast := wsDial(t, api, u.Token)
 	slow.subscribe(topic, "")
 	fast.subscribe(topic, "")

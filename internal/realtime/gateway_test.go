@@ -6,13 +6,11 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
-	"net"
 	"net/http"
 	"net/http/httptest"
 	"strings"
 	"sync"
 	"sync/atomic"
-	"syscall"
 	"testing"
 	"time"
 
@@ -504,7 +502,7 @@ func TestSlowClientIsCutOffWithoutSlowingOthers(t *testing.T) {
 	t.Parallel()
 	f := newFixture(t, 64)
 	// The slow client reads nothing, through a small receive buffer.
-	slow := f.dialWith("slow", "s1", smallBufferDialer())
+	slow := f.dialWith("slow", "s1", testenv.SmallBufferDialer())
 	fast := f.dial("fast", "s2")
 	slow.subscribe("agent:busy", "")
 	fast.subscribe("agent:busy", "")
@@ -803,7 +801,7 @@ func TestClientThatStopsReadingTimesOutAsSlow(t *testing.T) {
 	t.Parallel()
 	f := newFixture(t, 1_000_000)
 	f.g.WriteTimeout = 300 * time.Millisecond
-	stuck := f.dialWith("stuck", "s1", smallBufferDialer())
+	stuck := f.dialWith("stuck", "s1", testenv.SmallBufferDialer())
 	stuck.subscribe("agent:busy", "")
 	pad := strings.Repeat("x", 4000)
 	deadline := time.After(20 * time.Second)
@@ -846,19 +844,4 @@ func TestUnconfirmedSubscriptionDoesNotBreakItsTopic(t *testing.T) {
 	if m := b.read(); m.Type != "ev" || m.Topic != "agent:t2" {
 		t.Fatalf("want the topic's event, got %s on %s: %s", m.Type, m.Topic, m.Data)
 	}
-}
-
-// smallBufferDialer dials with a 4 KiB receive buffer, set before
-// connecting so that TCP's window is small from the start: a client that
-// does not read fills it at once.
-func smallBufferDialer() *websocket.Dialer {
-	small := *websocket.DefaultDialer
-	small.NetDialContext = (&net.Dialer{Control: func(_, _ string, rc syscall.RawConn) error {
-		var err error
-		_ = rc.Control(func(fd uintptr) {
-			err = syscall.SetsockoptInt(int(fd), syscall.SOL_SOCKET, syscall.SO_RCVBUF, 4096)
-		})
-		return err
-	}}).DialContext
-	return &small
 }

@@ -10,11 +10,14 @@ import (
 	"crypto/rand"
 	"encoding/hex"
 	"io"
+	"net"
 	"net/url"
 	"os"
+	"syscall"
 	"testing"
 	"time"
 
+	"github.com/gorilla/websocket"
 	"github.com/jmoiron/sqlx"
 	"github.com/redis/go-redis/v9"
 
@@ -145,4 +148,19 @@ func DeleteKeys(ctx context.Context, rdb redis.UniversalClient, patterns ...stri
 		rdb.Del(ctx, keys[:n]...)
 		keys = keys[n:]
 	}
+}
+
+// SmallBufferDialer dials WebSockets with a 4 KiB receive buffer, set
+// before connecting so that TCP's window is small from the start: a client
+// that reads nothing fills it at once (slow-client tests).
+func SmallBufferDialer() *websocket.Dialer {
+	small := *websocket.DefaultDialer
+	small.NetDialContext = (&net.Dialer{Control: func(_, _ string, rc syscall.RawConn) error {
+		var err error
+		_ = rc.Control(func(fd uintptr) {
+			err = syscall.SetsockoptInt(int(fd), syscall.SOL_SOCKET, syscall.SO_RCVBUF, 4096)
+		})
+		return err
+	}}).DialContext
+	return &small
 }
