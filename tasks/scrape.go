@@ -7,6 +7,7 @@ import (
 	"net/url"
 	"strings"
 	"time"
+	"unicode/utf8"
 
 	"golang.org/x/net/html"
 )
@@ -73,6 +74,9 @@ func HandleScrape(ctx context.Context, run *Run, p ScrapePayload) (any, error) {
 	return out, nil
 }
 
+// maxTitle bounds a scraped title, in bytes.
+const maxTitle = 1000
+
 // parsePage returns the title and up to max distinct absolute http(s) links.
 func parsePage(doc string, base *url.URL, max int) (string, []string) {
 	z := html.NewTokenizer(strings.NewReader(doc))
@@ -83,7 +87,7 @@ func parsePage(doc string, base *url.URL, max int) (string, []string) {
 	for {
 		switch z.Next() {
 		case html.ErrorToken:
-			return strings.TrimSpace(title.String()), links
+			return cleanTitle(title.String()), links
 		case html.StartTagToken, html.SelfClosingTagToken:
 			name, hasAttr := z.TagName()
 			switch string(name) {
@@ -102,9 +106,10 @@ func parsePage(doc string, base *url.URL, max int) (string, []string) {
 					}
 					abs := base.ResolveReference(ref)
 					abs.Fragment = ""
-					if (abs.Scheme == "http" || abs.Scheme == "https") && !seen[abs.String()] {
-						seen[abs.String()] = true
-						links = append(links, abs.String())
+					link := abs.String()
+					if (abs.Scheme == "http" || abs.Scheme == "https") && abs.Host != "" && !seen[link] && parses(link) {
+						seen[link] = true
+						links = append(links, link)
 					}
 				}
 			}
@@ -113,11 +118,33 @@ func parsePage(doc string, base *url.URL, max int) (string, []string) {
 				inTitle = false
 			}
 		case html.TextToken:
-			if inTitle && title.Len() < 1000 {
+			if inTitle && title.Len() < maxTitle {
 				title.Write(z.Text())
 			}
 		}
 	}
+}
+
+// parses reports whether link is a URL a client can follow: a page's
+// href can resolve to one that does not parse again (a host with a
+// malformed port, say).
+func parses(link string) bool {
+	_, err := url.Parse(link)
+	return err == nil
+}
+
+// cleanTitle makes a page's title valid UTF-8 of at most maxTitle bytes,
+// cut at a character, without surrounding space.
+func cleanTitle(s string) string {
+	s = strings.TrimSpace(strings.ToValidUTF8(s, "\uFFFD"))
+	if len(s) <= maxTitle {
+		return s
+	}
+	cut := maxTitle
+	for cut > 0 && !utf8.RuneStart(s[cut]) {
+		cut--
+	}
+	return strings.TrimSpace(s[:cut])
 }
 
 func init() {
