@@ -27,12 +27,16 @@ type Policy struct {
 	client   *http.Client
 }
 
-// special are the address ranges refused by default.
+// special are the address ranges refused by default. The IPv6 ranges that
+// carry an IPv4 address (IPv4-compatible, NAT64, 6to4, Teredo) are refused
+// whole: a gateway or relay on the way may deliver them to the IPv4
+// address inside, loopback or private as it may be.
 var special = mustPrefixes(
 	"0.0.0.0/8", "10.0.0.0/8", "100.64.0.0/10", "127.0.0.0/8", "169.254.0.0/16", "172.16.0.0/12",
 	"192.0.0.0/24", "192.0.2.0/24", "192.168.0.0/16", "198.18.0.0/15", "198.51.100.0/24", "203.0.113.0/24",
 	"224.0.0.0/4", "240.0.0.0/4", "255.255.255.255/32",
-	"::/128", "::1/128", "64:ff9b::/96", "100::/64", "2001:db8::/32", "fc00::/7", "fe80::/10", "ff00::/8",
+	"::/96", "::1/128", "64:ff9b::/96", "64:ff9b:1::/48", "100::/64", "2001::/32", "2001:db8::/32", "2002::/16",
+	"fc00::/7", "fe80::/10", "ff00::/8",
 )
 
 func mustPrefixes(ss ...string) []netip.Prefix {
