@@ -169,6 +169,7 @@ func (s *Server) realtimeRoutes(d Deps, res *Resources) {
 		Parameters: []*huma.Param{{Name: "ticket", In: "query", Description: "A ticket from POST /v1/ws/ticket.", Schema: &huma.Schema{Type: "string"}}},
 		Responses: map[string]*huma.Response{
 			"101": {Description: "Switching to the WebSocket protocol."},
+			"400": {Description: "Not a WebSocket handshake (connect with a WebSocket client).", Content: map[string]*huma.MediaType{"application/problem+json": {Schema: &huma.Schema{Ref: "#/components/schemas/Problem"}}}},
 			"401": {Description: "Bad ticket or token.", Content: map[string]*huma.MediaType{"application/problem+json": {Schema: &huma.Schema{Ref: "#/components/schemas/Problem"}}}},
 			"403": {Description: "Origin not allowed.", Content: map[string]*huma.MediaType{"application/problem+json": {Schema: &huma.Schema{Ref: "#/components/schemas/Problem"}}}},
 		},

@@ -63,4 +63,30 @@ func TestEveryRouteIsDocumented(t *testing.T) {
 	srv := httptest.NewServer(s)
 	defer srv.Close()
 	routesMatchSpec(t, s, srv)
+
+	// What the middleware answers any operation is documented on each.
+	_, doc := get(t, srv.URL+"/openapi.json")
+	for path, item := range doc["paths"].(map[string]any) {
+		for method, o := range item.(map[string]any) {
+			op, _ := o.(map[string]any)
+			responses, _ := op["responses"].(map[string]any)
+			name := method + " " + path
+			if _, ok := op["security"]; ok && responses["403"] == nil {
+				t.Errorf("%s authenticates (X-Org-ID) but documents no 403", name)
+			}
+			if body, ok := op["requestBody"].(map[string]any); ok {
+				for _, status := range []string{"413", "415"} {
+					if responses[status] == nil {
+						t.Errorf("%s takes a body but documents no %s", name, status)
+					}
+				}
+				if content, _ := body["content"].(map[string]any); content["application/octet-stream"] != nil {
+					t.Errorf("%s documents a raw body, which is refused with 415", name)
+				}
+			}
+			if r, ok := responses["304"].(map[string]any); ok && r["content"] != nil {
+				t.Errorf("%s documents a body on 304", name)
+			}
+		}
+	}
 }

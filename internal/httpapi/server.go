@@ -280,10 +280,13 @@ func canonicalIDs(ctx huma.Context, next func(huma.Context)) {
 	next(ctx)
 }
 
-// documentSpec is the OpenAPI document as served: every operation that
-// authenticates also takes the X-Org-ID header, which the authentication
-// reads for all of them (so it is added to the document, not to each
-// operation's input).
+// documentSpec is the OpenAPI document as served. What the middleware does
+// for every operation is added to the document, not to each operation:
+//   - an operation that authenticates takes the X-Org-ID header, and may
+//     answer 403 (not a member of that organization, or not allowed);
+//   - one that takes a body may answer 413 (too large) and 415 (not JSON),
+//     and takes JSON only (Huma also lists a raw body, which is refused);
+//   - a 304 has no body.
 func documentSpec(doc *huma.OpenAPI) ([]byte, error) {
 	raw, err := json.Marshal(doc)
 	if err != nil {
@@ -313,12 +316,39 @@ func documentSpec(doc *huma.OpenAPI) ([]byte, error) {
 		methods, _ := item.(map[string]any)
 		for _, o := range methods {
 			op, _ := o.(map[string]any)
+			responses, _ := op["responses"].(map[string]any)
+			if responses == nil {
+				continue
+			}
+			if r, ok := responses["304"].(map[string]any); ok {
+				delete(r, "content")
+			}
+			if body, ok := op["requestBody"].(map[string]any); ok {
+				if content, ok := body["content"].(map[string]any); ok && len(content) > 1 {
+					delete(content, "application/octet-stream")
+				}
+				addProblem(responses, "413", "Content Too Large")
+				addProblem(responses, "415", "Unsupported Media Type")
+			}
 			if sec, _ := op["security"].([]any); len(sec) == 0 {
 				continue
 			}
+			addProblem(responses, "403", "Forbidden")
 			list, _ := op["parameters"].([]any)
 			op["parameters"] = append(list, map[string]any{"$ref": "#/components/parameters/OrgID"})
 		}
 	}
 	return json.Marshal(spec)
+}
+
+// addProblem documents a problem+json answer with status, unless the
+// operation documents one already.
+func addProblem(responses map[string]any, status, description string) {
+	if _, ok := responses[status]; ok {
+		return
+	}
+	responses[status] = map[string]any{
+		"description": description,
+		"content":     map[string]any{"application/problem+json": map[string]any{"schema": map[string]any{"$ref": "#/components/schemas/Problem"}}},
+	}
 }
