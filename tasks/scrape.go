@@ -7,9 +7,10 @@ import (
 	"net/url"
 	"strings"
 	"time"
-	"unicode/utf8"
 
 	"golang.org/x/net/html"
+
+	"github.com/agentry/agentry/internal/platform"
 )
 
 // TypeWebScrape fetches a page and returns its status, title and links
@@ -136,15 +137,7 @@ func parses(link string) bool {
 // cleanTitle makes a page's title valid UTF-8 of at most maxTitle bytes,
 // cut at a character, without surrounding space.
 func cleanTitle(s string) string {
-	s = strings.TrimSpace(strings.ToValidUTF8(s, "\uFFFD"))
-	if len(s) <= maxTitle {
-		return s
-	}
-	cut := maxTitle
-	for cut > 0 && !utf8.RuneStart(s[cut]) {
-		cut--
-	}
-	return strings.TrimSpace(s[:cut])
+	return strings.TrimSpace(platform.Storable(strings.TrimSpace(s), maxTitle))
 }
 
 func init() {

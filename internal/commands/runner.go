@@ -10,7 +10,6 @@ import (
 	"strings"
 	"sync"
 	"time"
-	"unicode/utf8"
 
 	"github.com/hibiken/asynq"
 
@@ -399,7 +398,7 @@ func (r *Runner) retryable(c *Claimed, def *tasks.Definition, msg string) Outcom
 }
 
 func cleanError(err error) string {
-	return storable(strings.TrimSuffix(err.Error(), ": "+asynq.SkipRetry.Error()), 4000)
+	return platform.Storable(strings.TrimSuffix(err.Error(), ": "+asynq.SkipRetry.Error()), 4000)
 }
 
 // holdsNUL reports whether JSON text escapes a NUL character (\u0000, not
@@ -420,21 +419,6 @@ func holdsNUL(raw []byte) bool {
 		i += 1 + next
 	}
 	return false
-}
-
-// storable makes s text PostgreSQL stores: valid UTF-8, no NUL, at most max
-// bytes cut on a character boundary. A handler's message or error may be
-// anything; refused by the database, it would leave its command running.
-func storable(s string, max int) string {
-	s = strings.ToValidUTF8(strings.ReplaceAll(s, "\x00", ""), "\uFFFD")
-	if len(s) <= max {
-		return s
-	}
-	cut := max
-	for cut > 0 && !utf8.RuneStart(s[cut]) {
-		cut--
-	}
-	return s[:cut]
 }
 
 // afterward is a recorded outcome, for what follows it (see followUp).
@@ -463,7 +447,7 @@ func (r *Runner) finish(ctx context.Context, c *Claimed, o Outcome, ran time.Dur
 		// hold): end the attempt failed with why, rather than leave it to
 		// its lease and run it again.
 		r.Logger.ErrorContext(ctx, "outcome refused by the database; recording a failure", "command_id", c.ID, "attempt", c.Attempt, "err", err)
-		o = failure("the outcome could not be stored: " + storable(err.Error(), 1000))
+		o = failure("the outcome could not be stored: " + platform.Storable(err.Error(), 1000))
 		done, err = r.record(c.ID, c.Attempt, o)
 	}
 	if err != nil {
@@ -606,7 +590,7 @@ func (r *Runner) newReporter(ctx context.Context, c *platform.Command, announced
 
 func (rep *reporter) Report(percent int, message string) {
 	percent = max(0, min(100, percent))
-	message = storable(message, 1000)
+	message = platform.Storable(message, 1000)
 	rep.mu.Lock()
 	rep.percent, rep.message, rep.dirty = percent, message, true
 	rep.startLocked()
@@ -614,7 +598,7 @@ func (rep *reporter) Report(percent int, message string) {
 }
 
 func (rep *reporter) Log(line string) {
-	line = storable(line, 2000)
+	line = platform.Storable(line, 2000)
 	rep.mu.Lock()
 	if len(rep.lines) < 100 {
 		rep.lines = append(rep.lines, line)

@@ -87,6 +87,27 @@ func TestAuthSessionsAndKeys(t *testing.T) {
 		secLogin(t, c, " "+strings.ToUpper(ada.Email)+" ", ada.Password)
 	})
 
+	secStep(t, "a long non-ASCII User-Agent", func() {
+		// Cut to 256 bytes inside its "é", it made every audit row and
+		// session of the request fail: logins answered 400, and an
+		// admin's actions went unaudited.
+		ua := strings.Repeat("a", 255) + "é"
+		r := c.Must(200, "POST", "/v1/auth/login", map[string]any{"email": ada.Email, "password": ada.Password}, "User-Agent", ua)
+		in := ada.As(r.Str(t, "access_token"), ada.Org)
+		key := in.Must(201, "POST", "/v1/api-keys", map[string]any{"name": "long agent", "permissions": []string{"Agent.read"}}, "User-Agent", ua).JSON(t)["api_key"].(map[string]any)["id"]
+		events := in.Must(200, "GET", "/v1/audit?action=api_key.create&page_size=100", nil).JSON(t)["items"].([]any)
+		found := false
+		for _, e := range events {
+			e := e.(map[string]any)
+			if e["resource_id"] == key {
+				found = e["user_agent"] == strings.Repeat("a", 255)
+			}
+		}
+		if !found {
+			t.Fatalf("the key's creation is not audited with its cut User-Agent: %q", events)
+		}
+	})
+
 	secStep(t, "me", func() {
 		me := ada.Must(200, "GET", "/v1/users/me", nil).JSON(t)
 		if me["id"] != ada.ID || me["email"] != ada.Email || me["name"] != "ada" || me["is_superadmin"] != false || me["default_org_id"] != ada.Org {

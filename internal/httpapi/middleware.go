@@ -50,10 +50,9 @@ func requestContext(logger *slog.Logger) gin.HandlerFunc {
 			id = newRequestID()
 		}
 		c.Header("X-Request-ID", id)
-		ua := c.Request.UserAgent()
-		if len(ua) > 256 {
-			ua = ua[:256]
-		}
+		// Kept for the audit log and sessions: cut at a character, as
+		// PostgreSQL stores it (a cut inside one made the audit row fail).
+		ua := platform.Storable(c.Request.UserAgent(), 256)
 		ctx := platform.WithRequestInfo(c.Request.Context(), platform.RequestInfo{ID: id, IP: c.ClientIP(), UserAgent: ua})
 		c.Request = c.Request.WithContext(context.WithValue(ctx, loggerKey{}, logger))
 		c.Next()

@@ -238,7 +238,7 @@ func (s *IdentityStore) Memberships(ctx context.Context, userID string) ([]platf
 // CreateSession stores the first refresh token of a new family.
 func (s *IdentityStore) CreateSession(ctx context.Context, familyID, userID string, tokenHash []byte, expires time.Time, ip, userAgent string) error {
 	_, err := s.DB.ExecContext(ctx, `INSERT INTO refresh_tokens (id, family_id, user_id, token_hash, expires_at, ip, user_agent)
-		VALUES ($1, $2, $3, $4, $5, $6, $7)`, uuid.NewString(), familyID, userID, tokenHash, expires, ip, truncate(userAgent, 256))
+		VALUES ($1, $2, $3, $4, $5, $6, $7)`, uuid.NewString(), familyID, userID, tokenHash, expires, ip, platform.Storable(userAgent, 256))
 	return err
 }
 
@@ -274,7 +274,7 @@ func (s *IdentityStore) Rotate(ctx context.Context, old, next []byte, expires ti
 		return nil, false, err
 	}
 	if _, err := tx.ExecContext(ctx, `INSERT INTO refresh_tokens (id, family_id, user_id, token_hash, expires_at, ip, user_agent)
-		VALUES ($1, $2, $3, $4, $5, $6, $7)`, uuid.NewString(), sess.FamilyID, sess.UserID, next, expires, ip, truncate(userAgent, 256)); err != nil {
+		VALUES ($1, $2, $3, $4, $5, $6, $7)`, uuid.NewString(), sess.FamilyID, sess.UserID, next, expires, ip, platform.Storable(userAgent, 256)); err != nil {
 		return nil, false, err
 	}
 	return sess, false, tx.Commit()
@@ -440,15 +440,8 @@ func (s *IdentityStore) NewEntity(ctx context.Context, tx *sqlx.Tx, id, kind str
 func (s *IdentityStore) Record(ctx context.Context, e platform.AuditEvent) error {
 	_, err := s.DB.ExecContext(ctx, `INSERT INTO audit_log (org_id, actor_id, actor_kind, action, resource_type, resource_id, outcome, reason, ip, user_agent, request_id, details)
 		VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)`,
-		e.OrgID, e.ActorID, e.ActorKind, e.Action, e.ResourceType, e.ResourceID, e.Outcome, e.Reason, e.IP, truncate(e.UserAgent, 256), e.RequestID, e.Details)
+		e.OrgID, e.ActorID, e.ActorKind, e.Action, e.ResourceType, e.ResourceID, e.Outcome, e.Reason, e.IP, platform.Storable(e.UserAgent, 256), e.RequestID, e.Details)
 	return err
-}
-
-func truncate(s string, n int) string {
-	if len(s) <= n {
-		return s
-	}
-	return s[:n]
 }
 
 // ListAudit returns a page of an organization's audit log, newest first,
