@@ -253,6 +253,9 @@ func (a *Authenticator) fromKey(ctx context.Context, credential, orgID string) (
 		if !f.Member {
 			return nil, unauthorized(FailNotMember)
 		}
+		// A superadmin's key is a superadmin only with the whole scope (*):
+		// one of narrower scope stays in its organization, as anyone's.
+		p.Superadmin = p.Superadmin && slices.ContainsFunc(scope, func(q platform.Permission) bool { return q.String() == "*" })
 	case platform.KindAgent:
 		// An agent's key acts within its creator's permissions as they are
 		// now: a creator removed from the organization, disabled or

@@ -322,6 +322,22 @@ func TestAuthenticateKey(t *testing.T) {
 			t.Fatalf("principal: %+v", p)
 		}
 	})
+	t.Run("a superadmin's narrow key is not a superadmin's", func(t *testing.T) {
+		w := newAuthnWorld(t)
+		w.user.IsSuperadmin = true
+		narrow := w.key(w.user.ID, platform.KindUser, w.home, []string{"Agent.read"}, nil)
+		p, err := w.authn.Authenticate(ctx, request(narrow, ""))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if p.Superadmin {
+			t.Fatalf("a key scoped to Agent.read crosses organizations as a superadmin: %+v", p)
+		}
+		full := w.key(w.user.ID, platform.KindUser, w.home, []string{"*"}, nil)
+		if p, err = w.authn.Authenticate(ctx, request(full, "")); err != nil || !p.Superadmin {
+			t.Fatalf("a superadmin's * key: %+v, %v", p, err)
+		}
+	})
 	t.Run("key that does not expire yet", func(t *testing.T) {
 		key := w.key(w.user.ID, platform.KindUser, w.home, []string{"*"}, func(k *platform.APIKey) { k.ExpiresAt = &future })
 		if _, err := w.authn.Authenticate(ctx, request(key, "")); err != nil {
