@@ -246,14 +246,19 @@ func TestAuthSeedAdmin(t *testing.T) {
 	// The superadmin reaches into any organization.
 	agent := secCreate(t, ada.Client, "/v1/agents", map[string]any{"name": "ada's"})
 	root.As(access, ada.Org).Must(200, "GET", "/v1/agents/"+agent, nil)
-	// Disabling a user ends their sessions at once.
+	// Disabling a user ends their sessions at once, and for good.
+	_, refresh := secLogin(t, c, ada.Email, ada.Password)
 	root.Must(200, "PATCH", "/v1/users/"+ada.ID, map[string]any{"disabled": true})
 	Eventually(t, time.Second, "the disabled user's token is refused", func() bool { return ada.Do("GET", "/v1/users/me", nil).Status == 401 })
 	secExpect(t, "the disabled user logs in", c.Do("POST", "/v1/auth/login", map[string]any{"email": ada.Email, "password": ada.Password}), 401)
+	root.Must(200, "PATCH", "/v1/users/"+ada.ID, map[string]any{"disabled": false})
+	secExpect(t, "a refresh token of before the disabling, once enabled again", c.Do("POST", "/v1/auth/refresh", map[string]any{"refresh_token": refresh}), 401)
+	secLogin(t, c, ada.Email, ada.Password)
 	secExpect(t, "the superadmin disables itself", root.Do("PATCH", "/v1/users/"+me["id"].(string), map[string]any{"disabled": true}), 409)
 	// A superadmin's key narrower than * is not a superadmin.
 	key := root.Must(201, "POST", "/v1/api-keys", map[string]any{"name": "narrow", "permissions": []string{"Agent.read"}}).Str(t, "key")
 	secExpect(t, "a narrow key of the superadmin lists users", root.As(key, "").Do("GET", "/v1/users", nil), 403)
+	secExpect(t, "a narrow key of the superadmin reads another organization's agent", root.As(key, "").Do("GET", "/v1/agents/"+agent, nil), 404)
 }
 
 func TestAPIShutsDownPromptly(t *testing.T) {

@@ -166,10 +166,14 @@ func (s *IdentityStore) UpdateUser(ctx context.Context, userID string, name *str
 }
 
 // SetUserFlags lets a superadmin disable a user or change the superadmin
-// role. Disabling bumps the token version, refusing every token at once.
+// role. Disabling bumps the token version, refusing every access token at
+// once, and revokes every refresh token: enabling the user again does not
+// bring back the sessions of before.
 func (s *IdentityStore) SetUserFlags(ctx context.Context, userID string, disabled, superadmin *bool) (*platform.User, error) {
 	u := &platform.User{}
-	err := s.DB.GetContext(ctx, u, `UPDATE users AS u SET disabled = COALESCE($2, u.disabled), is_superadmin = COALESCE($3, u.is_superadmin),
+	err := s.DB.GetContext(ctx, u, `WITH ended AS (
+			UPDATE refresh_tokens SET revoked_at = now() WHERE $2 IS TRUE AND user_id = $1 AND revoked_at IS NULL)
+		UPDATE users AS u SET disabled = COALESCE($2, u.disabled), is_superadmin = COALESCE($3, u.is_superadmin),
 		token_version = u.token_version + CASE WHEN $2 IS TRUE OR $3 IS FALSE THEN 1 ELSE 0 END,
 		updated_at = now(), version = u.version + 1 WHERE u.id = $1 RETURNING `+userColumns, userID, disabled, superadmin)
 	return u, sqlq.MapError(err, "user not found")
