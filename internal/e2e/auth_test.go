@@ -11,6 +11,7 @@ import (
 	"path/filepath"
 	"slices"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 )
@@ -259,6 +260,18 @@ func TestAuthSeedAdmin(t *testing.T) {
 	key := root.Must(201, "POST", "/v1/api-keys", map[string]any{"name": "narrow", "permissions": []string{"Agent.read"}}).Str(t, "key")
 	secExpect(t, "a narrow key of the superadmin lists users", root.As(key, "").Do("GET", "/v1/users", nil), 403)
 	secExpect(t, "a narrow key of the superadmin reads another organization's agent", root.As(key, "").Do("GET", "/v1/agents/"+agent, nil), 404)
+
+	// Two superadmins demoting each other at the same moment: one stays.
+	bob := c.NewUser("bob")
+	root.Must(200, "PATCH", "/v1/users/"+bob.ID, map[string]any{"is_superadmin": true})
+	var wg sync.WaitGroup
+	var byRoot, byBob *Response
+	wg.Go(func() { byRoot = root.Do("PATCH", "/v1/users/"+bob.ID, map[string]any{"is_superadmin": false}) })
+	wg.Go(func() { byBob = bob.As(bob.Token, "").Do("PATCH", "/v1/users/"+me["id"].(string), map[string]any{"is_superadmin": false}) })
+	wg.Wait()
+	if byRoot.Status == 200 && byBob.Status == 200 {
+		t.Fatalf("two superadmins demoted each other: the platform has none")
+	}
 }
 
 func TestAPIShutsDownPromptly(t *testing.T) {
@@ -297,4 +310,31 @@ func TestAuthUserWithoutOrganization(t *testing.T) {
 	}
 	org := homeless.Must(201, "POST", "/v1/organizations", map[string]any{"name": "new home"}).Str(t, "id")
 	ada.As(ada.Token, org).Must(201, "POST", "/v1/agents", map[string]any{"name": "x"})
+}
+
+// Two owners removing each other at the same moment: one of them stays
+// (each counted two owners and both went, leaving the organization none).
+func TestOwnersRemovingEachOtherKeepOne(t *testing.T) {
+	t.Parallel()
+	s := NewStack(t, nil)
+	c := s.Client(s.API())
+	for round := range 6 {
+		ada, bob := c.NewUser("ada"), c.NewUser("bob")
+		bobIn, bobMembership := secInvite(t, ada, bob, "owner")
+		items := ada.Must(200, "GET", "/v1/members?user_id="+ada.ID, nil).JSON(t)["items"].([]any)
+		adaMembership := items[0].(map[string]any)["id"].(string)
+		var wg sync.WaitGroup
+		var byAda, byBob *Response
+		wg.Go(func() { byAda = ada.Do("DELETE", "/v1/members/"+bobMembership, nil) })
+		wg.Go(func() { byBob = bobIn.Do("DELETE", "/v1/members/"+adaMembership, nil) })
+		wg.Wait()
+		if byAda.Status == 204 && byBob.Status == 204 {
+			t.Fatalf("round %d: both owners removed each other: the organization has no owner", round)
+		}
+		for _, r := range []*Response{byAda, byBob} {
+			if r.Status != 204 && r.Status != 409 && r.Status != 403 {
+				t.Fatalf("round %d: want 204, or 409/403 for the second, got %d: %s", round, r.Status, r.Body)
+			}
+		}
+	}
 }

@@ -170,13 +170,40 @@ func (s *IdentityStore) UpdateUser(ctx context.Context, userID string, name *str
 // once, and revokes every refresh token: enabling the user again does not
 // bring back the sessions of before.
 func (s *IdentityStore) SetUserFlags(ctx context.Context, userID string, disabled, superadmin *bool) (*platform.User, error) {
+	tx, err := s.DB.BeginTxx(ctx, nil)
+	if err != nil {
+		return nil, err
+	}
+	defer tx.Rollback()
+	if disabled != nil && *disabled || superadmin != nil && !*superadmin {
+		// The platform keeps an enabled superadmin. Changes that could take
+		// the last away take turns, or two superadmins demoting each other
+		// at once would each see the other and leave none.
+		if _, err := tx.ExecContext(ctx, "SELECT pg_advisory_xact_lock(hashtextextended('agentry:superadmins', 0))"); err != nil {
+			return nil, err
+		}
+		var others int
+		if err := tx.GetContext(ctx, &others, "SELECT count(*) FROM users WHERE is_superadmin AND NOT disabled AND id <> $1", userID); err != nil {
+			return nil, err
+		}
+		var target bool
+		if err := tx.GetContext(ctx, &target, "SELECT is_superadmin AND NOT disabled FROM users WHERE id = $1", userID); err != nil {
+			return nil, sqlq.MapError(err, "user not found")
+		}
+		if target && others == 0 {
+			return nil, platform.Errorf(platform.ECONFLICT, "the platform keeps at least one enabled superadmin")
+		}
+	}
 	u := &platform.User{}
-	err := s.DB.GetContext(ctx, u, `WITH ended AS (
+	err = tx.GetContext(ctx, u, `WITH ended AS (
 			UPDATE refresh_tokens SET revoked_at = now() WHERE $2 IS TRUE AND user_id = $1 AND revoked_at IS NULL)
 		UPDATE users AS u SET disabled = COALESCE($2, u.disabled), is_superadmin = COALESCE($3, u.is_superadmin),
 		token_version = u.token_version + CASE WHEN $2 IS TRUE OR $3 IS FALSE THEN 1 ELSE 0 END,
 		updated_at = now(), version = u.version + 1 WHERE u.id = $1 RETURNING `+userColumns, userID, disabled, superadmin)
-	return u, sqlq.MapError(err, "user not found")
+	if err != nil {
+		return nil, sqlq.MapError(err, "user not found")
+	}
+	return u, tx.Commit()
 }
 
 // ListUsers pages through every user, for superadmins.
@@ -414,8 +441,14 @@ func (s *IdentityStore) RoleName(ctx context.Context, tx *sqlx.Tx, roleID string
 	return name, sqlq.MapError(err, "role not found")
 }
 
-// CountOwners returns how many owners an organization has, in tx.
+// CountOwners returns how many owners an organization has, in tx. It
+// first locks the organization until tx ends, so that transactions that
+// change owners take turns: two owners removing each other at once would
+// each count two and leave none.
 func (s *IdentityStore) CountOwners(ctx context.Context, tx *sqlx.Tx, orgID string) (int, error) {
+	if _, err := tx.ExecContext(ctx, "SELECT 1 FROM organizations WHERE id = $1 FOR NO KEY UPDATE", orgID); err != nil {
+		return 0, err
+	}
 	var n int
 	err := tx.GetContext(ctx, &n, "SELECT count(*) FROM memberships m JOIN roles r ON r.id = m.role_id WHERE m.org_id = $1 AND r.name = 'owner'", orgID)
 	return n, err
