@@ -293,8 +293,22 @@ func (s *Service) ChangePassword(ctx context.Context, p *platform.Principal, cur
 	if err != nil {
 		return err
 	}
+	// Guessing the current password with a stolen access token counts as
+	// failed logins do: the account locks out the same way.
+	limits := s.loginLimits(normalEmail(u.Email), platform.RequestInfoFrom(ctx).IP)
+	wait, err := s.Throttle.Blocked(ctx, limits...)
+	if err != nil {
+		return err
+	}
+	if wait > 0 {
+		s.Audit.Record(ctx, platform.AuditEvent{Action: "user.password_change", Outcome: "denied", Reason: "throttled"})
+		return &platform.Error{Code: platform.ETOOMANY, Message: "too many wrong passwords; wait before trying again", RetryAfter: wait}
+	}
 	ok, _, err := s.Passwords.Verify(current, u.PasswordHash)
 	if err != nil || !ok {
+		if err := s.Throttle.Fail(ctx, limits...); err != nil {
+			return err
+		}
 		s.Audit.Record(ctx, platform.AuditEvent{Action: "user.password_change", Outcome: "failed", Reason: "wrong current password"})
 		return platform.Invalid("the current password is wrong", platform.FieldError{Field: "body.current_password", Message: "does not match"})
 	}

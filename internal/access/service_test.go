@@ -3,6 +3,7 @@ package access_test
 import (
 	"context"
 	"errors"
+	"fmt"
 	"strings"
 	"sync"
 	"testing"
@@ -234,6 +235,24 @@ func TestRefreshLogoutPassword(t *testing.T) {
 		}
 		if _, err := w.svc.Login(ctx, "ada@example.com", "a new password"); err != nil {
 			t.Fatalf("the new password: %v", err)
+		}
+	})
+	t.Run("guessing the current password locks out as failed logins do", func(t *testing.T) {
+		pair, err := w.svc.Login(ctx, "ada@example.com", "a new password")
+		if err != nil {
+			t.Fatal(err)
+		}
+		p := principal(pair)
+		for i := range 3 { // MaxFailures
+			if err := w.svc.ChangePassword(ctx, p, fmt.Sprintf("guess %d", i), "another password"); platform.ErrorCode(err) != platform.EINVALID {
+				t.Fatalf("guess %d: %v", i, err)
+			}
+		}
+		if err := w.svc.ChangePassword(ctx, p, "a new password", "another password"); platform.ErrorCode(err) != platform.ETOOMANY {
+			t.Fatalf("after 3 wrong guesses, even the right password: %v (want too many)", err)
+		}
+		if _, err := w.svc.Login(ctx, "ada@example.com", "a new password"); platform.ErrorCode(err) != platform.ETOOMANY {
+			t.Fatalf("a login after 3 wrong guesses: %v (want too many)", err)
 		}
 	})
 }
