@@ -106,6 +106,12 @@ func TestBadValuesAreClientErrors(t *testing.T) {
 		{"a filter on delete all", "DELETE", "/v1/agents?name=drop", nil, nil, ""},
 		{"a key with no permissions", "POST", "/v1/api-keys", `{"name":"nothing","permissions":[]}`, nil, ""},
 		{"a schedule every zero seconds", "POST", "/v1/schedules", map[string]any{"name": "s", "agent_id": agent, "task": "agent:echo", "cron": "@every 0s", "timezone": "UTC"}, nil, "at least 1s"},
+		{"an unknown parameter of the organizations", "GET", "/v1/organizations?zzz=1", nil, nil, "query.zzz"},
+		{"an unknown parameter of the tasks", "GET", "/v1/tasks?zzz=1", nil, nil, "query.zzz"},
+		{"an unknown parameter of me", "GET", "/v1/users/me?zzz=1", nil, nil, "query.zzz"},
+		{"a ';' in a page size", "GET", "/v1/agents?page_size=0;a", nil, nil, "';'"},
+		{"a ';' in a parameter's name", "GET", "/v1/agents?zzz;=1", nil, nil, "';'"},
+		{"a ';' on delete all", "DELETE", "/v1/agents?x;=1", nil, nil, "';'"},
 		{"a schedule every nanosecond", "POST", "/v1/schedules", map[string]any{"name": "s", "agent_id": agent, "task": "agent:echo", "cron": "@every 1ns", "timezone": "UTC"}, nil, "at least 1s"},
 	} {
 		r := alice.Do(req.method, req.path, req.body, req.headers...)

@@ -12,6 +12,7 @@ import (
 	"io/fs"
 	"log/slog"
 	"net/http"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -116,7 +117,7 @@ func New(opts Options) *Server {
 			Description: "An access token from POST /v1/auth/login, or an API key (`agk_…`)."},
 	}
 	s.API = humagin.New(engine, cfg)
-	s.API.UseMiddleware(canonicalIDs, s.authenticate)
+	s.API.UseMiddleware(canonicalIDs, s.onlyDocumentedQuery, s.authenticate)
 	s.platformRoutes()
 	return s
 }
@@ -276,6 +277,44 @@ func canonicalIDs(ctx huma.Context, next func(huma.Context)) {
 				}
 			}
 		}
+	}
+	next(ctx)
+}
+
+// onlyDocumentedQuery refuses query parameters an operation does not take:
+// one it ignored (misspelt, say) would answer what was not asked. So does
+// a query with a ';', whose pairs Go drops without a word.
+func (s *Server) onlyDocumentedQuery(ctx huma.Context, next func(huma.Context)) {
+	u := ctx.URL()
+	if strings.Contains(u.RawQuery, ";") {
+		_ = huma.WriteErr(s.API, ctx, http.StatusUnprocessableEntity, "validation failed",
+			&huma.ErrorDetail{Location: "query", Message: "';' does not separate parameters; use '&' (or escape it as %3B in a value)"})
+		return
+	}
+	op := ctx.Operation()
+	if op == nil || u.RawQuery == "" {
+		next(ctx)
+		return
+	}
+	var takes []string
+	for _, p := range op.Parameters {
+		if p.In == "query" {
+			takes = append(takes, p.Name)
+		}
+	}
+	var bad []error
+	for name := range u.Query() {
+		if !slices.Contains(takes, name) {
+			msg := "unknown parameter; this operation takes none"
+			if len(takes) > 0 {
+				msg = "unknown parameter; this operation takes " + strings.Join(takes, ", ")
+			}
+			bad = append(bad, &huma.ErrorDetail{Location: "query." + name, Message: msg})
+		}
+	}
+	if len(bad) > 0 {
+		_ = huma.WriteErr(s.API, ctx, http.StatusUnprocessableEntity, "validation failed", bad...)
+		return
 	}
 	next(ctx)
 }
