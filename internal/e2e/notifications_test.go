@@ -232,7 +232,9 @@ func TestNotificationsOfCommands(t *testing.T) {
 	}
 
 	// Unmuted, successes notify again.
-	u.Must(200, "PUT", "/v1/users/me/notification-preferences", map[string]any{"muted": []string{}})
+	if got, ok := u.Must(200, "PUT", "/v1/users/me/notification-preferences", map[string]any{"muted": []string{}}).JSON(t)["muted"].([]any); !ok || len(got) != 0 {
+		t.Fatalf("unmuted everything: want muted [], got %v", got)
+	}
 	agent = rtAgent(t, u.Client)
 	again := dispatch("agent:echo", map[string]any{"message": "loud"})
 	if n := ntLive(t, live, u.ID); n.Kind != "command.succeeded" || n.Data["command_id"] != again {

@@ -340,7 +340,7 @@ func (s *Server) notificationRoutes(d Deps) {
 			if len(bad) > 0 {
 				return nil, platform.Invalid("invalid notification kinds", bad...)
 			}
-			muted := slices.Compact(slices.Sorted(slices.Values(in.Body.Muted)))
+			muted := append([]string{}, slices.Compact(slices.Sorted(slices.Values(in.Body.Muted)))...) // [] for none, not null
 			if err := n.SetMuted(ctx, caller(ctx).ID, muted); err != nil {
 				return nil, err
 			}
