@@ -261,6 +261,17 @@ func TestAuthSeedAdmin(t *testing.T) {
 	secExpect(t, "a narrow key of the superadmin lists users", root.As(key, "").Do("GET", "/v1/users", nil), 403)
 	secExpect(t, "a narrow key of the superadmin reads another organization's agent", root.As(key, "").Do("GET", "/v1/agents/"+agent, nil), 404)
 
+	// An organization may lower its limit of commands in flight; only a
+	// superadmin raises it above the platform's (100 by default).
+	adaOrg := "/v1/organizations/" + ada.Org
+	adaAccess, _ := secLogin(t, c, ada.Email, ada.Password)
+	adaIn := c.As(adaAccess, ada.Org)
+	if got := adaIn.Must(200, "PATCH", adaOrg, map[string]any{"org_max_in_flight": 50}).JSON(t)["org_max_in_flight"]; got != float64(50) {
+		t.Fatalf("lowered limit: %v", got)
+	}
+	secExpect(t, "an owner raises her organization's limit", adaIn.Do("PATCH", adaOrg, map[string]any{"org_max_in_flight": 100000}), 403)
+	root.As(access, ada.Org).Must(200, "PATCH", adaOrg, map[string]any{"org_max_in_flight": 100000})
+
 	// Two superadmins demoting each other at the same moment: one stays.
 	bob := c.NewUser("bob")
 	root.Must(200, "PATCH", "/v1/users/"+bob.ID, map[string]any{"is_superadmin": true})

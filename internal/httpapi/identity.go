@@ -301,7 +301,7 @@ type orgUpdateInput struct {
 	IfMatch string `header:"If-Match"`
 	Body    struct {
 		Name           *string `json:"name,omitempty" minLength:"1" maxLength:"100"`
-		OrgMaxInFlight *int    `json:"org_max_in_flight,omitempty" minimum:"0" maximum:"100000" doc:"Commands in flight at once; 0 restores the platform default."`
+		OrgMaxInFlight *int    `json:"org_max_in_flight,omitempty" minimum:"0" maximum:"100000" doc:"Commands in flight at once; 0 restores the platform default. Above the platform default: superadmins only."`
 	}
 }
 
@@ -374,7 +374,7 @@ func (s *Server) orgRoutes(d Deps) {
 			return &orgOutput{ETag: etagOf(org.Version), Body: org}, nil
 		})
 	huma.Register(s.API, s.op(http.MethodPatch, "/v1/organizations/{id}", "update-organization", "Organizations", "Update an organization",
-		"Renames the organization or sets its limit of commands in flight. Owners and admins.", http.StatusOK, true, http.StatusForbidden, http.StatusNotFound, http.StatusPreconditionFailed),
+		"Renames the organization or sets its limit of commands in flight. Owners and admins; raising the limit above the platform's default (AGENTRY_ORG_MAX_IN_FLIGHT) takes a superadmin.", http.StatusOK, true, http.StatusForbidden, http.StatusNotFound, http.StatusPreconditionFailed),
 		func(ctx context.Context, in *orgUpdateInput) (*orgOutput, error) {
 			_, p, err := load(ctx, in.ID)
 			if err != nil {
@@ -397,6 +397,12 @@ func (s *Server) orgRoutes(d Deps) {
 			maxInFlight, clearMax := in.Body.OrgMaxInFlight, false
 			if maxInFlight != nil && *maxInFlight == 0 {
 				maxInFlight, clearMax = nil, true
+			}
+			// The limit shares the workers fairly among organizations: an
+			// organization may restrain itself, only a superadmin lets one
+			// have more than the platform's default.
+			if platformMax := orgMaxInFlight(d); maxInFlight != nil && platformMax > 0 && *maxInFlight > platformMax && !p.Superadmin {
+				return nil, platform.Errorf(platform.EFORBIDDEN, "only a superadmin may raise org_max_in_flight above the platform's %d", platformMax)
 			}
 			org, err := d.Identity.UpdateOrganization(ctx, in.ID, name, maxInFlight, clearMax, ifVersion)
 			if err != nil {
@@ -689,4 +695,13 @@ func withinCaller(p *platform.Principal, perms []string) error {
 		}
 	}
 	return nil
+}
+
+// orgMaxInFlight is the platform's default limit of an organization's
+// commands in flight (0 when unknown).
+func orgMaxInFlight(d Deps) int {
+	if d.Dispatcher == nil || d.Dispatcher.Store == nil {
+		return 0
+	}
+	return d.Dispatcher.Store.Limits.OrgMaxInFlight
 }
