@@ -330,9 +330,10 @@ func TestOWASPAPI5NoOneGrantsMoreThanTheyHold(t *testing.T) {
 	var created struct {
 		Key string `json:"key"`
 	}
-	if err := json.Unmarshal(admIn.Must(201, "POST", "/v1/api-keys", map[string]any{"name": "agent", "agent_id": agent}).Body, &created); err != nil {
+	if err := json.Unmarshal(admIn.Must(201, "POST", "/v1/api-keys", map[string]any{"name": "agent", "agent_id": agent, "permissions": []string{"*"}}).Body, &created); err != nil {
 		t.Fatal(err)
 	}
+	secExpect(t, "an agent's key without permissions", admIn.Do("POST", "/v1/api-keys", map[string]any{"name": "agent", "agent_id": agent}), 400)
 	key := c.As(created.Key, "")
 	key.Must(201, "POST", "/v1/roles", map[string]any{"name": "while-admin", "permissions": []string{"Agent.read"}})
 	alice.Must(204, "DELETE", "/v1/members/"+admMembership, nil)

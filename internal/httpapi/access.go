@@ -27,7 +27,7 @@ type Keys interface {
 type createKeyInput struct {
 	Body struct {
 		Name        string     `json:"name" minLength:"1" maxLength:"100"`
-		Permissions []string   `json:"permissions,omitempty" minItems:"1" maxItems:"200" doc:"The key's scope, each no wider than the caller's own permissions; the caller's permissions when absent (an empty list is refused: such a key could do nothing)."`
+		Permissions []string   `json:"permissions,omitempty" minItems:"1" maxItems:"200" doc:"The key's scope, each no wider than the caller's own permissions; the caller's permissions when absent, for the caller's own key (an agent's key must list them; an empty list is refused: such a key could do nothing)."`
 		AgentID     string     `json:"agent_id,omitempty" format:"uuid" doc:"Make the key authenticate as this agent (needs Agent.update on it) instead of as the caller."`
 		ExpiresAt   *time.Time `json:"expires_at,omitempty" doc:"When the key stops working; never when absent."`
 	}
@@ -72,6 +72,11 @@ func (s *Server) keyRoutes(d Deps, agents AgentLoader) {
 			}
 			if err := d.Guard.Decide(ctx, p, scope, "create", nil, nil); err != nil {
 				return nil, err
+			}
+			if in.Body.AgentID != "" && in.Body.Permissions == nil {
+				// An agent's key acts as the agent, not as its creator: it gets
+				// what it is given, not the creator's every power.
+				return nil, platform.Invalid("an agent's key needs its permissions", platform.FieldError{Field: "body.permissions", Message: "list what the agent may do, such as [\"Agent.read\", \"Command.read\"]"})
 			}
 			perms, err := keyScope(p, in.Body.Permissions)
 			if err != nil {
