@@ -8,6 +8,8 @@ import (
 	"net/mail"
 	"strings"
 	"time"
+	"unicode"
+	"unicode/utf8"
 
 	"github.com/google/uuid"
 
@@ -71,18 +73,42 @@ type TokenPair struct {
 	ExpiresIn    int    `json:"expires_in" doc:"Seconds the access token lives."`
 }
 
-// ValidEmail reports whether s is a plain email address: local@domain.tld.
+// ValidEmail reports whether s is a plain email address: local@domain.tld,
+// of printable characters (no control or invisible formatting character,
+// such as a right-to-left override that would make it read as another
+// address), with a domain of host name labels.
 func ValidEmail(s string) bool {
-	if len(s) > 254 || strings.ContainsAny(s, " \t\r\n<>") {
+	if len(s) > 254 || !utf8.ValidString(s) || strings.ContainsAny(s, " \t\r\n<>\uFFFD") {
 		return false
+	}
+	for _, r := range s {
+		if !unicode.IsPrint(r) {
+			return false
+		}
 	}
 	a, err := mail.ParseAddress(s)
 	if err != nil || a.Address != s || a.Name != "" {
 		return false
 	}
 	at := strings.LastIndexByte(s, '@')
-	domain := s[at+1:]
-	return at > 0 && strings.Contains(domain, ".") && !strings.HasPrefix(domain, ".") && !strings.HasSuffix(domain, ".")
+	if at <= 0 {
+		return false
+	}
+	labels := strings.Split(s[at+1:], ".")
+	if len(labels) < 2 {
+		return false
+	}
+	for _, l := range labels {
+		if l == "" || len(l) > 63 || strings.HasPrefix(l, "-") || strings.HasSuffix(l, "-") {
+			return false
+		}
+		for _, r := range l {
+			if r != '-' && !unicode.IsLetter(r) && !unicode.IsDigit(r) {
+				return false
+			}
+		}
+	}
+	return true
 }
 
 // normalEmail is the form of an email address accounts are stored and
