@@ -112,12 +112,19 @@ func TestBadValuesAreClientErrors(t *testing.T) {
 		{"a ';' in a page size", "GET", "/v1/agents?page_size=0;a", nil, nil, "';'"},
 		{"a ';' in a parameter's name", "GET", "/v1/agents?zzz;=1", nil, nil, "';'"},
 		{"a ';' on delete all", "DELETE", "/v1/agents?x;=1", nil, nil, "';'"},
+		{"params nested 65 deep", "POST", "/v1/agents", `{"name":"deep","params":` + strings.Repeat(`{"a":`, 64) + `1` + strings.Repeat(`}`, 64) + `}`, nil, "nested more than 64"},
+		{"a payload nested 9000 deep", "POST", "/v1/agents/" + agent + "/commands", `{"task":"agent:echo","payload":` + strings.Repeat(`[`, 9000) + strings.Repeat(`]`, 9000) + `}`, nil, "nested more than 64"},
 		{"a schedule every nanosecond", "POST", "/v1/schedules", map[string]any{"name": "s", "agent_id": agent, "task": "agent:echo", "cron": "@every 1ns", "timezone": "UTC"}, nil, "at least 1s"},
 	} {
 		r := alice.Do(req.method, req.path, req.body, req.headers...)
 		if r.Status != 400 || !strings.HasPrefix(r.Header.Get("Content-Type"), "application/problem+json") || !strings.Contains(string(r.Body), req.says) {
 			t.Errorf("%s: %s %s: want a 400 problem, got %d %s: %s", req.what, req.method, req.path, r.Status, r.Header.Get("Content-Type"), r.Body)
 		}
+	}
+	// As deep as allowed is stored; a body over the limit is still 413.
+	alice.Must(201, "POST", "/v1/agents", `{"name":"deep enough","params":`+strings.Repeat(`{"a":`, 63)+`1`+strings.Repeat(`}`, 63)+`}`)
+	if r := alice.Do("POST", "/v1/agents", `{"name":"`+strings.Repeat("x", 2<<20)+`"}`); r.Status != 413 {
+		t.Errorf("a body over the limit: want 413, got %d: %.200s", r.Status, r.Body)
 	}
 	// The WebSocket endpoint, asked without an upgrade, answers a problem too.
 	if r := alice.Do("GET", "/v1/ws", nil); r.Status != 400 || !strings.HasPrefix(r.Header.Get("Content-Type"), "application/problem+json") {

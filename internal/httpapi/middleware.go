@@ -1,13 +1,16 @@
 package httpapi
 
 import (
+	"bytes"
 	"context"
 	"crypto/rand"
 	"encoding/hex"
 	"fmt"
+	"io"
 	"log/slog"
 	"net/http"
 	"runtime/debug"
+	"strings"
 	"time"
 
 	"github.com/gin-gonic/gin"
@@ -123,6 +126,71 @@ func limitBody(max int64) gin.HandlerFunc {
 		}
 		c.Next()
 	}
+}
+
+// MaxJSONDepth is how deeply a request body's JSON may nest. Go decodes up
+// to 10,000 levels, but a document stored that deep cannot be read back by
+// many clients (Python's json gives up near 1,000): one member could make
+// a shared list unreadable for the organization's tools.
+const MaxJSONDepth = 64
+
+// limitJSONDepth refuses a JSON body nested deeper than MaxJSONDepth. It
+// runs after limitBody, so it reads at most the body limit.
+func limitJSONDepth() gin.HandlerFunc {
+	return func(c *gin.Context) {
+		if c.Request.Body == nil || c.Request.ContentLength == 0 || !strings.Contains(c.ContentType(), "json") {
+			c.Next()
+			return
+		}
+		data, err := io.ReadAll(c.Request.Body)
+		if err != nil {
+			// The operation reads what was read, then meets the same error
+			// and answers it (413 for a body over the limit).
+			c.Request.Body = io.NopCloser(io.MultiReader(bytes.NewReader(data), failingReader{err}))
+			c.Next()
+			return
+		}
+		c.Request.Body = io.NopCloser(bytes.NewReader(data))
+		if jsonDepth(data) > MaxJSONDepth {
+			writeProblem(c, platform.Invalid("the body nests too deeply", platform.FieldError{Field: "body", Message: fmt.Sprintf("JSON nested more than %d levels deep", MaxJSONDepth)}))
+			c.Abort()
+			return
+		}
+		c.Next()
+	}
+}
+
+// failingReader fails every read with err.
+type failingReader struct{ err error }
+
+func (r failingReader) Read([]byte) (int, error) { return 0, r.err }
+
+// jsonDepth returns how deeply data's arrays and objects nest, counting
+// brackets outside strings (data need not be valid JSON).
+func jsonDepth(data []byte) int {
+	depth, deepest := 0, 0
+	inString, escaped := false, false
+	for _, b := range data {
+		switch {
+		case inString:
+			switch {
+			case escaped:
+				escaped = false
+			case b == '\\':
+				escaped = true
+			case b == '"':
+				inString = false
+			}
+		case b == '"':
+			inString = true
+		case b == '[' || b == '{':
+			depth++
+			deepest = max(deepest, depth)
+		case b == ']' || b == '}':
+			depth--
+		}
+	}
+	return deepest
 }
 
 // securityHeaders sets the headers every API answer should carry.

@@ -96,7 +96,7 @@ func New(opts Options) *Server {
 	if opts.Metrics != nil {
 		s.http = metrics.NewHTTP(opts.Metrics)
 	}
-	engine.Use(requestContext(opts.Logger), s.instrument(), accessLog(), recoverPanics(), securityHeaders(), limitBody(opts.MaxBodyBytes))
+	engine.Use(requestContext(opts.Logger), s.instrument(), accessLog(), recoverPanics(), securityHeaders(), limitBody(opts.MaxBodyBytes), limitJSONDepth())
 	engine.NoRoute(func(c *gin.Context) {
 		writeProblem(c, platform.Errorf(platform.ENOTFOUND, "no route for %s %s", c.Request.Method, c.Request.URL.Path))
 	})
