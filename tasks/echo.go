@@ -11,9 +11,9 @@ const TypeEcho = "agent:echo"
 
 // EchoPayload is the payload of agent:echo.
 type EchoPayload struct {
-	Message string `json:"message,omitempty"`
+	Message string `json:"message,omitempty" maxLength:"65536" doc:"What to echo back (at most 64 KiB)."`
 	// Fail makes the attempt fail with this error (for trying retries).
-	Fail string `json:"fail,omitempty"`
+	Fail string `json:"fail,omitempty" doc:"Make the attempt fail with this error (for trying retries)."`
 }
 
 // Validate limits the message size.

@@ -18,10 +18,10 @@ const TypeHTTPRequest = "http:request"
 
 // HTTPRequestPayload is the payload of http:request.
 type HTTPRequestPayload struct {
-	Method  string            `json:"method,omitempty"`
-	URL     string            `json:"url"`
-	Headers map[string]string `json:"headers,omitempty"`
-	Body    string            `json:"body,omitempty"`
+	Method  string            `json:"method,omitempty" enum:"GET,HEAD,POST,PUT,PATCH,DELETE" doc:"The method (default GET)."`
+	URL     string            `json:"url" doc:"An http or https URL; private, loopback and link-local addresses are refused unless allowlisted."`
+	Headers map[string]string `json:"headers,omitempty" doc:"Request headers."`
+	Body    string            `json:"body,omitempty" doc:"The request body."`
 }
 
 // Validate checks the URL and method.

@@ -19,9 +19,9 @@ const TypeWebScrape = "web:scrape"
 
 // ScrapePayload is the payload of web:scrape.
 type ScrapePayload struct {
-	URL string `json:"url"`
+	URL string `json:"url" doc:"The page: an http or https URL; private, loopback and link-local addresses are refused unless allowlisted."`
 	// MaxLinks caps the links returned (default 100).
-	MaxLinks int `json:"max_links,omitempty"`
+	MaxLinks int `json:"max_links,omitempty" minimum:"0" maximum:"10000" doc:"The most links to return (default 100)."`
 }
 
 // Validate checks the URL.

@@ -14,9 +14,9 @@ const TypeSleep = "agent:sleep"
 // SleepPayload is the payload of agent:sleep.
 type SleepPayload struct {
 	// Milliseconds to wait in all (at most one hour; none when absent).
-	Milliseconds int `json:"milliseconds,omitempty"`
+	Milliseconds int `json:"milliseconds,omitempty" minimum:"0" maximum:"3600000" doc:"How long to wait in all (at most one hour)."`
 	// Steps is how many progress reports to make (default 10).
-	Steps int `json:"steps,omitempty"`
+	Steps int `json:"steps,omitempty" minimum:"0" maximum:"1000" doc:"How many progress reports to make (default 10)."`
 }
 
 // Validate bounds the wait.

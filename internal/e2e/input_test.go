@@ -264,6 +264,20 @@ func TestTaskSchemasAreJSONSchema(t *testing.T) {
 	if required["web:scrape"] != `["url"]` || required["agent:echo"] != "null" {
 		t.Fatalf("required fields: %v", required)
 	}
+	// The schemas carry the limits dispatch enforces.
+	for _, task := range list.Items {
+		props := task.PayloadSchema["properties"].(map[string]any)
+		switch task.Type {
+		case "agent:sleep":
+			if ms := props["milliseconds"].(map[string]any); ms["minimum"] != 0.0 || ms["maximum"] != 3600000.0 {
+				t.Errorf("agent:sleep milliseconds: %v", ms)
+			}
+		case "http:request":
+			if m := props["method"].(map[string]any); len(m["enum"].([]any)) != 6 {
+				t.Errorf("http:request method: %v", m)
+			}
+		}
+	}
 
 	after := components()
 	for _, name := range []string{"", "Schema", "Discriminator"} {
