@@ -98,6 +98,10 @@ func New(opts Options) *Server {
 	}
 	engine.Use(requestContext(opts.Logger), s.instrument(), accessLog(), recoverPanics(), securityHeaders(), limitBody(opts.MaxBodyBytes), limitJSONDepth())
 	engine.NoRoute(func(c *gin.Context) {
+		if c.Request.URL.Path == "/docs/" && c.Request.Method == http.MethodGet {
+			c.Redirect(http.StatusMovedPermanently, "/docs") // as a browser may complete it
+			return
+		}
 		writeProblem(c, platform.Errorf(platform.ENOTFOUND, "no route for %s %s", c.Request.Method, c.Request.URL.Path))
 	})
 	engine.NoMethod(func(c *gin.Context) {

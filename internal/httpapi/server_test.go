@@ -146,6 +146,12 @@ func TestDocsAreServedFromTheBinary(t *testing.T) {
 			t.Fatalf("%s: %d (%d bytes)", path, res.StatusCode, len(data))
 		}
 	}
+	noRedirect := &http.Client{CheckRedirect: func(*http.Request, []*http.Request) error { return http.ErrUseLastResponse }}
+	if res, err := noRedirect.Get(srv.URL + "/docs/"); err != nil || res.StatusCode != http.StatusMovedPermanently || res.Header.Get("Location") != "/docs" {
+		t.Errorf("/docs/: want a redirect to /docs, got %v %v", res, err)
+	} else {
+		res.Body.Close()
+	}
 	if res, _ := get(t, srv.URL+"/docs/../../etc/passwd"); res.StatusCode == 200 {
 		t.Fatal("docs serve files outside their directory")
 	}
