@@ -470,6 +470,16 @@ func TestList(t *testing.T) {
 	if len(seen) != 25 || seen[0] != "w00" || seen[24] != "w24" {
 		t.Fatalf("cursor paging: %v", seen)
 	}
+	// A full last page says there is no next one.
+	query = "?page_size=5&sort=name"
+	for i := range 5 {
+		p := page(query)
+		next, _ := p["next_cursor"].(string)
+		if last := i == 4; (next == "") != last || len(names(p)) != 5 {
+			t.Fatalf("page %d of 5 full ones: %d items, next_cursor %q", i+1, len(names(p)), next)
+		}
+		query = "?page_size=5&sort=name&cursor=" + next
+	}
 
 	bad := []struct {
 		name, query string

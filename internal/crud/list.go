@@ -343,7 +343,9 @@ func (r *resource[T, In]) list(ctx context.Context, in *ListInput) (*PageOutput[
 		q += " AND (" + sortCol + ", t.id) " + cmp + " (" + args.Add(c.Value) + "::" + cast + ", " + args.Add(c.ID) + "::uuid)"
 		out.Body.Page = 1
 	}
-	q += " ORDER BY " + sortCol + " " + dir + ", t.id " + dir + " LIMIT " + args.Add(in.PageSize)
+	// One row more than the page says whether a next page exists: a full
+	// last page gets no next_cursor.
+	q += " ORDER BY " + sortCol + " " + dir + ", t.id " + dir + " LIMIT " + args.Add(in.PageSize+1)
 	if in.Cursor == "" && in.Page > 1 {
 		q += " OFFSET " + args.Add(int64(in.Page-1)*int64(in.PageSize))
 	}
@@ -352,7 +354,12 @@ func (r *resource[T, In]) list(ctx context.Context, in *ListInput) (*PageOutput[
 		return nil, sqlq.MapError(err, r.notFound())
 	}
 	defer rows.Close()
+	more := false
 	for rows.Next() {
+		if len(out.Body.Items) == in.PageSize {
+			more = true
+			break
+		}
 		row, err := r.Scan(rows)
 		if err != nil {
 			return nil, err
@@ -362,7 +369,7 @@ func (r *resource[T, In]) list(ctx context.Context, in *ListInput) (*PageOutput[
 	if err := rows.Err(); err != nil {
 		return nil, err
 	}
-	if n := len(out.Body.Items); n == in.PageSize {
+	if n := len(out.Body.Items); more {
 		last := reflect.ValueOf(out.Body.Items[n-1]).Elem()
 		out.Body.NextCursor = encodeCursor(cursor{
 			Sort:  sortName,
