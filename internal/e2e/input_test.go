@@ -114,6 +114,8 @@ func TestBadValuesAreClientErrors(t *testing.T) {
 		{"a ';' on delete all", "DELETE", "/v1/agents?x;=1", nil, nil, "';'"},
 		{"params nested 65 deep", "POST", "/v1/agents", `{"name":"deep","params":` + strings.Repeat(`{"a":`, 64) + `1` + strings.Repeat(`}`, 64) + `}`, nil, "nested more than 64"},
 		{"a payload nested 9000 deep", "POST", "/v1/agents/" + agent + "/commands", `{"task":"agent:echo","payload":` + strings.Repeat(`[`, 9000) + strings.Repeat(`]`, 9000) + `}`, nil, "nested more than 64"},
+		{"a role granting an unknown type", "POST", "/v1/roles", map[string]any{"name": "typo", "permissions": []string{"Agnet.read"}}, nil, "no resource type"},
+		{"a key granting an unknown type", "POST", "/v1/api-keys", map[string]any{"name": "typo", "permissions": []string{"Nope.read"}}, nil, "no resource type"},
 		{"a schedule every nanosecond", "POST", "/v1/schedules", map[string]any{"name": "s", "agent_id": agent, "task": "agent:echo", "cron": "@every 1ns", "timezone": "UTC"}, nil, "at least 1s"},
 	} {
 		r := alice.Do(req.method, req.path, req.body, req.headers...)

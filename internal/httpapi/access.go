@@ -2,7 +2,9 @@ package httpapi
 
 import (
 	"context"
+	"fmt"
 	"net/http"
+	"slices"
 	"strconv"
 	"strings"
 	"time"
@@ -78,7 +80,7 @@ func (s *Server) keyRoutes(d Deps, agents AgentLoader) {
 				// what it is given, not the creator's every power.
 				return nil, platform.Invalid("an agent's key needs its permissions", platform.FieldError{Field: "body.permissions", Message: "list what the agent may do, such as [\"Agent.read\", \"Command.read\"]"})
 			}
-			perms, err := keyScope(p, in.Body.Permissions)
+			perms, err := keyScope(p, in.Body.Permissions, func(typ string) bool { return knownType(d, typ) })
 			if err != nil {
 				return nil, err
 			}
@@ -138,7 +140,7 @@ func (s *Server) keyRoutes(d Deps, agents AgentLoader) {
 }
 
 // keyScope checks a requested scope against the creator's permissions.
-func keyScope(p *platform.Principal, requested []string) (platform.JSONList, error) {
+func keyScope(p *platform.Principal, requested []string, known func(typ string) bool) (platform.JSONList, error) {
 	if requested == nil { // absent; an empty list fails the schema (minItems)
 		out := platform.JSONList{}
 		for _, perm := range p.Permissions {
@@ -155,6 +157,10 @@ func keyScope(p *platform.Principal, requested []string) (platform.JSONList, err
 		perm, err := platform.ParsePermission(text)
 		if err != nil {
 			bad = append(bad, platform.FieldError{Field: "body.permissions[" + strconv.Itoa(i) + "]", Message: err.Error()})
+			continue
+		}
+		if !known(perm.Type) {
+			bad = append(bad, platform.FieldError{Field: "body.permissions[" + strconv.Itoa(i) + "]", Message: unknownType(perm)})
 			continue
 		}
 		if !p.Holds(perm) {
@@ -310,4 +316,28 @@ func (s *Server) auditRoutes(d Deps) {
 			out.Body.Items, out.Body.Page, out.Body.PageSize, out.Body.Total = events, in.Page, in.PageSize, total
 			return out, nil
 		})
+}
+
+// permissionTypes are the types permissions name besides the registered
+// resources: what the platform checks on routes of its own.
+var permissionTypes = []string{"Acl", "Audit", "Notification", "Organization"}
+
+// knownType reports whether a permission may name typ: "*", a registered
+// resource type, or one of permissionTypes. A misspelt type would make a
+// role or key that silently grants nothing.
+func knownType(d Deps, typ string) bool {
+	if typ == "*" || slices.Contains(permissionTypes, typ) {
+		return true
+	}
+	for _, s := range d.Registry.Scopes() {
+		if s.Type == typ {
+			return true
+		}
+	}
+	return false
+}
+
+// unknownType says that perm names no type the platform knows.
+func unknownType(perm platform.Permission) string {
+	return fmt.Sprintf("%s: no resource type %q (see the types of /docs, such as Agent)", perm, perm.Type)
 }

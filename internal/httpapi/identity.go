@@ -593,8 +593,10 @@ func (s *Server) membershipRoutes(d Deps) {
 	checkPerms := func(in *RoleInput) []platform.FieldError {
 		var bad []platform.FieldError
 		for _, text := range in.Permissions {
-			if _, err := platform.ParsePermission(text); err != nil {
+			if perm, err := platform.ParsePermission(text); err != nil {
 				bad = append(bad, platform.FieldError{Field: "permissions", Message: err.Error()})
+			} else if !knownType(d, perm.Type) {
+				bad = append(bad, platform.FieldError{Field: "permissions", Message: unknownType(perm)})
 			}
 		}
 		return bad
