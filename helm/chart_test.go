@@ -64,7 +64,19 @@ type renderCase struct {
 	// kinds, if set, is how many objects of each kind the case renders
 	// (kinds not listed: none).
 	kinds map[string]int
+	// bare renders without testSecrets, which every other case starts
+	// from (production, the default, refuses to render without them).
+	bare bool
 }
+
+// testSecrets are the settings a production install must be given.
+const testSecrets = `
+secrets:
+  databaseUrl: postgres://agentry:pw@db:5432/agentry?sslmode=require
+  redisUrl: rediss://:pw@redis:6379/0
+  jwtSecret: 0123456789abcdef0123456789abcdef0123
+  secretsKey: MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY=
+`
 
 // defaultKinds is what the default values render.
 var defaultKinds = map[string]int{
@@ -267,20 +279,30 @@ func TestRender(t *testing.T) {
 // with a message naming the value: values.schema.json checks each value,
 // agentry.validate the ones that depend on each other.
 func TestRenderRejects(t *testing.T) {
-	cases := []struct{ name, values, want string }{
+	cases := []struct {
+		name, values, want string
+		bare               bool
+	}{
 		// values.schema.json
-		{"unknown env", `config: {env: staging}`, "/config/env"},
-		{"short jwt secret", `secrets: {jwtSecret: short}`, "/secrets/jwtSecret"},
-		{"secrets key not 32 bytes", `secrets: {secretsKey: c2hvcnQ=}`, "/secrets/secretsKey"},
-		{"unknown autoscaling kind", `worker: {autoscaling: {enabled: true, kind: vpa}}`, "/worker/autoscaling/kind"},
-		{"extra setting not AGENTRY_", `config: {extra: {command_timeout: 5m}}`, "command_timeout"},
-		{"no drain", `config: {shutdownTimeoutSeconds: 0}`, "/config/shutdownTimeoutSeconds"},
-		{"misspelt value", `worker: {autoscalling: {enabled: true}}`, "autoscalling"},
-		{"string for a number", `api: {replicas: "2"}`, "/api/replicas"},
+		{"unknown env", `config: {env: staging}`, "/config/env", false},
+		{"short jwt secret", `secrets: {jwtSecret: short}`, "/secrets/jwtSecret", false},
+		{"secrets key not 32 bytes", `secrets: {secretsKey: c2hvcnQ=}`, "/secrets/secretsKey", false},
+		{"unknown autoscaling kind", `worker: {autoscaling: {enabled: true, kind: vpa}}`, "/worker/autoscaling/kind", false},
+		{"extra setting not AGENTRY_", `config: {extra: {command_timeout: 5m}}`, "command_timeout", false},
+		{"no drain", `config: {shutdownTimeoutSeconds: 0}`, "/config/shutdownTimeoutSeconds", false},
+		{"misspelt value", `worker: {autoscalling: {enabled: true}}`, "autoscalling", false},
+		{"string for a number", `api: {replicas: "2"}`, "/api/replicas", false},
 		// agentry.validate
-		{"hpa to zero", `worker: {autoscaling: {enabled: true, kind: hpa, minReplicas: 0}}`, "worker.autoscaling.minReplicas"},
-		{"api hpa without target", `api: {autoscaling: {targetCPUUtilizationPercentage: 0}}`, "api.autoscaling"},
-		{"seed without email", `migrations: {seedAdmin: true}`, "config.adminEmail"},
+		{"hpa to zero", `worker: {autoscaling: {enabled: true, kind: hpa, minReplicas: 0}}`, "worker.autoscaling.minReplicas", false},
+		{"api hpa without target", `api: {autoscaling: {targetCPUUtilizationPercentage: 0}}`, "api.autoscaling", false},
+		{"seed without email", `migrations: {seedAdmin: true}`, "config.adminEmail", false},
+		{"production without secrets", `config: {env: production}`, "secrets.databaseUrl, secrets.redisUrl, secrets.jwtSecret, secrets.secretsKey", true},
+		{"production without a secrets key", `
+config: {env: production}
+secrets:
+  databaseUrl: postgres://agentry:pw@db:5432/agentry?sslmode=require
+  redisUrl: rediss://:pw@redis:6379/0
+  jwtSecret: 0123456789abcdef0123456789abcdef0123`, "secrets.secretsKey", true},
 		{"production seed without password", `
 config: {env: production, adminEmail: admin@example.com}
 secrets:
@@ -288,12 +310,12 @@ secrets:
   redisUrl: rediss://:pw@redis:6379/0
   jwtSecret: 0123456789abcdef0123456789abcdef0123
   secretsKey: MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY=
-migrations: {seedAdmin: true}`, "secrets.adminPassword"},
+migrations: {seedAdmin: true}`, "secrets.adminPassword", false},
 	}
 	for _, c := range cases {
 		t.Run(c.name, func(t *testing.T) {
 			t.Parallel()
-			_, err := render(t, renderCase{name: c.name, values: c.values})
+			_, err := render(t, renderCase{name: c.name, values: c.values, bare: c.bare})
 			if err == nil || !strings.Contains(err.Error(), c.want) {
 				t.Errorf("render error: got %v, want one mentioning %q", err, c.want)
 			}
@@ -359,6 +381,13 @@ type release struct {
 
 func userValues(c renderCase) (map[string]any, error) {
 	vals := map[string]any{}
+	if !c.bare {
+		v, err := chartutil.ReadValues([]byte(testSecrets))
+		if err != nil {
+			return nil, err
+		}
+		vals = v
+	}
 	for _, file := range c.files {
 		v, err := chartutil.ReadValuesFile(file)
 		if err != nil {

@@ -385,6 +385,15 @@ values.schema.json checks each value on its own. It renders nothing.
 {{- if and $v.migrations.enabled $v.migrations.seedAdmin (not $v.config.adminEmail) }}
 {{- fail "migrations.seedAdmin needs config.adminEmail" }}
 {{- end }}
+{{- if and (eq $v.config.env "production") (not $v.existingSecret) }}
+{{- $missing := list }}
+{{- range $name := list "databaseUrl" "redisUrl" "jwtSecret" "secretsKey" }}
+{{- if not (index $v.secrets $name) }}{{ $missing = append $missing (printf "secrets.%s" $name) }}{{ end }}
+{{- end }}
+{{- if $missing }}
+{{- fail (printf "production needs %s (or existingSecret): the pods would not start" (join ", " $missing)) }}
+{{- end }}
+{{- end }}
 {{- if and $v.migrations.enabled $v.migrations.seedAdmin (eq $v.config.env "production") (not $v.existingSecret) (not $v.secrets.adminPassword) }}
 {{- fail "migrations.seedAdmin in production needs secrets.adminPassword (or AGENTRY_ADMIN_PASSWORD in existingSecret): the seed would fail inside the upgrade" }}
 {{- end }}
