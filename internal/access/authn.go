@@ -155,9 +155,14 @@ func (a *Authenticator) FromToken(ctx context.Context, token, orgID string) (*pl
 		return nil, unauthorized(FailRevoked)
 	}
 	if orgID == "" && f.User.DefaultOrgID != nil {
-		orgID = *f.User.DefaultOrgID
-		if f, err = a.loadFacts(ctx, claims.Subject, orgID); err != nil {
+		home, err := a.loadFacts(ctx, claims.Subject, *f.User.DefaultOrgID)
+		if err != nil {
 			return nil, err
+		}
+		// A default organization the user was removed from is no default:
+		// they act in none (and may choose another), not refused outright.
+		if home.Member || home.User.IsSuperadmin {
+			orgID, f = *f.User.DefaultOrgID, home
 		}
 	}
 	p, err := userPrincipal(f, orgID)

@@ -323,6 +323,30 @@ func TestAuthUserWithoutOrganization(t *testing.T) {
 	ada.As(ada.Token, org).Must(201, "POST", "/v1/agents", map[string]any{"name": "x"})
 }
 
+// A user removed from their default organization acts in none until they
+// choose another: they were refused every call without X-Org-ID, even the
+// one that changes their default.
+func TestAuthRemovedFromDefaultOrganization(t *testing.T) {
+	t.Parallel()
+	s := NewStack(t, nil)
+	c := s.Client(s.API())
+	ada, bob := c.NewUser("ada"), c.NewUser("bob")
+	_, membership := secInvite(t, ada, bob, "member")
+	bobHome := bob.As(bob.Token, "")
+	bobHome.Must(200, "PATCH", "/v1/users/me", map[string]any{"default_org_id": ada.Org})
+	ada.Must(204, "DELETE", "/v1/members/"+membership, nil)
+	Eventually(t, 5*time.Second, "bob's default organization dropped", func() bool {
+		r := bobHome.Do("GET", "/v1/users/me", nil)
+		return r.Status == 200
+	})
+	if r := bobHome.Do("GET", "/v1/agents", nil); r.Status != 403 || !strings.Contains(string(r.Body), "X-Org-ID") {
+		t.Fatalf("in no organization: want 403 naming X-Org-ID, got %d: %s", r.Status, r.Body)
+	}
+	bobHome.Must(200, "PATCH", "/v1/users/me", map[string]any{"default_org_id": bob.Org})
+	bobHome.Must(200, "GET", "/v1/agents", nil)
+	secExpect(t, "bob in ada's organization", bob.As(bob.Token, ada.Org).Do("GET", "/v1/agents", nil), 403)
+}
+
 // Two owners removing each other at the same moment: one of them stays
 // (each counted two owners and both went, leaving the organization none).
 func TestOwnersRemovingEachOtherKeepOne(t *testing.T) {
