@@ -347,6 +347,27 @@ func TestAuthRemovedFromDefaultOrganization(t *testing.T) {
 	secExpect(t, "bob in ada's organization", bob.As(bob.Token, ada.Org).Do("GET", "/v1/agents", nil), 403)
 }
 
+// A removed member's API keys do not come back with a new invitation.
+func TestAuthRemovedMembersKeysStayRevoked(t *testing.T) {
+	t.Parallel()
+	s := NewStack(t, nil)
+	c := s.Client(s.API())
+	ada, bob := c.NewUser("ada"), c.NewUser("bob")
+	bobIn, membership := secInvite(t, ada, bob, "member")
+	agent := secCreate(t, bobIn, "/v1/agents", map[string]any{"name": "bob's"})
+	key := c.As(bobIn.Must(201, "POST", "/v1/api-keys", map[string]any{"name": "ci", "permissions": []string{"Agent.read"}}).Str(t, "key"), "")
+	agentKey := c.As(bobIn.Must(201, "POST", "/v1/api-keys", map[string]any{"name": "bot", "agent_id": agent, "permissions": []string{"Agent.read"}}).Str(t, "key"), "")
+	key.Must(200, "GET", "/v1/agents", nil)
+	agentKey.Must(200, "GET", "/v1/agents/"+agent, nil)
+	ada.Must(204, "DELETE", "/v1/members/"+membership, nil)
+	secInvite(t, ada, bob, "member")
+	for name, k := range map[string]*Client{"bob's key": key, "bob's agent's key": agentKey} {
+		if st := k.Do("GET", "/v1/agents", nil).Status; st != 401 {
+			t.Errorf("%s after bob was removed and invited again: want 401, got %d", name, st)
+		}
+	}
+}
+
 // Two owners removing each other at the same moment: one of them stays
 // (each counted two owners and both went, leaving the organization none).
 func TestOwnersRemovingEachOtherKeepOne(t *testing.T) {

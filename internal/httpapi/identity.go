@@ -581,6 +581,9 @@ func (s *Server) membershipRoutes(d Deps) {
 		// it would cache the old membership again.
 		AfterCommit: func(ctx context.Context, op crud.Op, m *Member) {
 			d.Accounts.InvalidateUser(ctx, m.UserID)
+			if op == crud.OpDelete {
+				revokeMemberKeys(ctx, d, m)
+			}
 			d.Audit.Record(ctx, platform.AuditEvent{Action: "membership." + opName(op), ResourceType: "Membership", ResourceID: &m.ID, Outcome: "ok",
 				Details: platform.JSONObject{"user_id": m.UserID, "role_id": m.RoleID}})
 		},
@@ -706,4 +709,23 @@ func orgMaxInFlight(d Deps) int {
 		return 0
 	}
 	return d.Dispatcher.Store.Limits.OrgMaxInFlight
+}
+
+// revokeMemberKeys revokes the API keys a removed member made in the
+// organization, theirs and their agents': refused while they are not a
+// member, they would work again if the member were invited back.
+func revokeMemberKeys(ctx context.Context, d Deps, m *Member) {
+	var prefixes []string
+	err := d.DB.SelectContext(ctx, &prefixes, `UPDATE api_keys SET revoked_at = now()
+		WHERE org_id = $1 AND owner_id = $2 AND revoked_at IS NULL RETURNING prefix`, m.OrgID, m.UserID)
+	if err != nil {
+		loggerFrom(ctx).WarnContext(ctx, "the removed member's API keys were not revoked; they stay refused while the user is not a member", "user_id", m.UserID, "err", err)
+	}
+	for _, prefix := range prefixes {
+		d.Accounts.InvalidateKey(ctx, prefix)
+	}
+	if len(prefixes) > 0 {
+		d.Audit.Record(ctx, platform.AuditEvent{Action: "api_key.revoke", ResourceType: "ApiKey", Outcome: "ok", Reason: "member removed",
+			Details: platform.JSONObject{"user_id": m.UserID, "prefixes": prefixes}})
+	}
 }
