@@ -278,7 +278,9 @@ func TestAuthSeedAdmin(t *testing.T) {
 	var wg sync.WaitGroup
 	var byRoot, byBob *Response
 	wg.Go(func() { byRoot = root.Do("PATCH", "/v1/users/"+bob.ID, map[string]any{"is_superadmin": false}) })
-	wg.Go(func() { byBob = bob.As(bob.Token, "").Do("PATCH", "/v1/users/"+me["id"].(string), map[string]any{"is_superadmin": false}) })
+	wg.Go(func() {
+		byBob = bob.As(bob.Token, "").Do("PATCH", "/v1/users/"+me["id"].(string), map[string]any{"is_superadmin": false})
+	})
 	wg.Wait()
 	if byRoot.Status == 200 && byBob.Status == 200 {
 		t.Fatalf("two superadmins demoted each other: the platform has none")
