@@ -12,7 +12,6 @@ import (
 	"io/fs"
 	"log/slog"
 	"net/http"
-	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -24,6 +23,7 @@ import (
 	"github.com/google/uuid"
 
 	"github.com/agentry/agentry/internal/metrics"
+	"github.com/agentry/agentry/internal/crud"
 	"github.com/agentry/agentry/internal/platform"
 )
 
@@ -306,17 +306,7 @@ func (s *Server) onlyDocumentedQuery(ctx huma.Context, next func(huma.Context)) 
 			takes = append(takes, p.Name)
 		}
 	}
-	var bad []error
-	for name := range u.Query() {
-		if !slices.Contains(takes, name) {
-			msg := "unknown parameter; this operation takes none"
-			if len(takes) > 0 {
-				msg = "unknown parameter; this operation takes " + strings.Join(takes, ", ")
-			}
-			bad = append(bad, &huma.ErrorDetail{Location: "query." + name, Message: msg})
-		}
-	}
-	if len(bad) > 0 {
+	if bad := crud.OnlyParams(ctx, takes...); len(bad) > 0 {
 		_ = huma.WriteErr(s.API, ctx, http.StatusUnprocessableEntity, "validation failed", bad...)
 		return
 	}
