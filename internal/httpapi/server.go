@@ -22,8 +22,8 @@ import (
 	"github.com/gin-gonic/gin"
 	"github.com/google/uuid"
 
-	"github.com/agentry/agentry/internal/metrics"
 	"github.com/agentry/agentry/internal/crud"
+	"github.com/agentry/agentry/internal/metrics"
 	"github.com/agentry/agentry/internal/platform"
 )
 
