@@ -396,3 +396,22 @@ func TestOwnersRemovingEachOtherKeepOne(t *testing.T) {
 		}
 	}
 }
+
+// Anyone may leave an organization they were added to, but not its last
+// owner.
+func TestAuthLeaveOrganization(t *testing.T) {
+	t.Parallel()
+	s := NewStack(t, nil)
+	c := s.Client(s.API())
+	ada, bob := c.NewUser("ada"), c.NewUser("bob")
+	bobIn, _ := secInvite(t, ada, bob, "member")
+	key := c.As(bobIn.Must(201, "POST", "/v1/api-keys", map[string]any{"name": "ci", "permissions": []string{"Agent.read"}}).Str(t, "key"), "")
+	leave := "/v1/organizations/" + ada.Org + "/leave"
+	secExpect(t, "leaving with an API key", key.Do("POST", leave, nil), 403)
+	bob.Must(204, "POST", leave, nil)
+	secExpect(t, "bob in the organization he left", bobIn.Do("GET", "/v1/agents", nil), 403)
+	secExpect(t, "bob's key of the organization he left", key.Do("GET", "/v1/agents", nil), 401)
+	secExpect(t, "leaving again", bob.Do("POST", leave, nil), 404)
+	secExpect(t, "the last owner leaving", ada.Do("POST", leave, nil), 409)
+	ada.Must(200, "GET", "/v1/agents", nil)
+}

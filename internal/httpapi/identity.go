@@ -33,6 +33,7 @@ type Identity interface {
 	RoleByName(ctx context.Context, tx *sqlx.Tx, orgID, name string) (platform.RoleRef, error)
 	RoleName(ctx context.Context, tx *sqlx.Tx, roleID string) (string, error)
 	CountOwners(ctx context.Context, tx *sqlx.Tx, orgID string) (int, error)
+	LeaveOrganization(ctx context.Context, orgID, userID string) (string, error)
 	RoleMembers(ctx context.Context, tx *sqlx.Tx, roleID string) (int, error)
 }
 
@@ -410,6 +411,25 @@ func (s *Server) orgRoutes(d Deps) {
 			}
 			d.Audit.Record(ctx, platform.AuditEvent{Action: "organization.update", ResourceType: "Organization", ResourceID: &in.ID, Outcome: "ok"})
 			return &orgOutput{ETag: etagOf(org.Version), Body: org}, nil
+		})
+	huma.Register(s.API, s.op(http.MethodPost, "/v1/organizations/{id}/leave", "leave-organization", "Organizations", "Leave an organization",
+		"Ends the caller's membership (anyone may leave, but not the last owner: 409), and revokes the API keys they made there. Not with an API key.",
+		http.StatusNoContent, true, http.StatusForbidden, http.StatusNotFound, http.StatusConflict),
+		func(ctx context.Context, in *orgIDInput) (*struct{}, error) {
+			p := caller(ctx)
+			if p.Kind != platform.KindUser || p.KeyID != "" {
+				return nil, platform.Errorf(platform.EFORBIDDEN, "leave an organization logged in, not with an API key")
+			}
+			id, err := d.Identity.LeaveOrganization(ctx, in.ID, p.ID)
+			if err != nil {
+				return nil, err
+			}
+			m := &Member{UserID: p.ID}
+			m.ID, m.OrgID = id, in.ID
+			d.Accounts.InvalidateUser(ctx, p.ID)
+			revokeMemberKeys(ctx, d, m)
+			d.Audit.Record(ctx, platform.AuditEvent{OrgID: &in.ID, Action: "membership.leave", ResourceType: "Membership", ResourceID: &id, Outcome: "ok"})
+			return nil, nil
 		})
 	huma.Register(s.API, s.op(http.MethodDelete, "/v1/organizations/{id}", "delete-organization", "Organizations", "Delete an organization",
 		"Deletes the organization and everything in it. Owners only.", http.StatusNoContent, true, http.StatusForbidden, http.StatusNotFound),

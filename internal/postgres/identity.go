@@ -441,6 +441,37 @@ func (s *IdentityStore) RoleName(ctx context.Context, tx *sqlx.Tx, roleID string
 	return name, sqlq.MapError(err, "role not found")
 }
 
+// LeaveOrganization ends userID's membership of orgID: ENOTFOUND if they
+// are not a member, ECONFLICT if they are its last owner. It returns the
+// membership's id.
+func (s *IdentityStore) LeaveOrganization(ctx context.Context, orgID, userID string) (string, error) {
+	tx, err := s.DB.BeginTxx(ctx, nil)
+	if err != nil {
+		return "", err
+	}
+	defer tx.Rollback()
+	owners, err := s.CountOwners(ctx, tx, orgID) // locks the organization: see CountOwners
+	if err != nil {
+		return "", err
+	}
+	var m struct {
+		ID   string `db:"id"`
+		Role string `db:"name"`
+	}
+	err = tx.GetContext(ctx, &m, `SELECT m.id, r.name FROM memberships m JOIN roles r ON r.id = m.role_id
+		WHERE m.org_id = $1 AND m.user_id = $2 FOR UPDATE OF m`, orgID, userID)
+	if err != nil {
+		return "", sqlq.MapError(err, "you are not a member of this organization")
+	}
+	if m.Role == platform.RoleOwner && owners <= 1 {
+		return "", platform.Errorf(platform.ECONFLICT, "you are the organization's last owner: make another owner first, or delete the organization")
+	}
+	if _, err := tx.ExecContext(ctx, "DELETE FROM memberships WHERE id = $1", m.ID); err != nil {
+		return "", err
+	}
+	return m.ID, tx.Commit()
+}
+
 // CountOwners returns how many owners an organization has, in tx. It
 // first locks the organization until tx ends, so that transactions that
 // change owners take turns: two owners removing each other at once would
