@@ -33,8 +33,10 @@ type Accounts interface {
 
 // Throttler counts failures (the redisx package implements it).
 type Throttler interface {
-	Blocked(ctx context.Context, limits ...redisx.Limit) (int, error)
-	Fail(ctx context.Context, limits ...redisx.Limit) error
+	// Take counts an attempt before it is made; a wait over 0 refuses it.
+	Take(ctx context.Context, limits ...redisx.Limit) (int, error)
+	// Return gives back the count of an attempt that succeeded.
+	Return(ctx context.Context, limits ...redisx.Limit) error
 	Reset(ctx context.Context, keys ...string) error
 }
 
@@ -147,13 +149,10 @@ func (s *Service) Register(ctx context.Context, email, password, name string) (*
 	// many one address may make.
 	ip := platform.RequestInfoFrom(ctx).IP
 	limit := redisx.Limit{Key: "register:ip:" + ip, Max: 20 * s.MaxFailures, Window: s.Window}
-	if wait, err := s.Throttle.Blocked(ctx, limit); err != nil {
+	if wait, err := s.Throttle.Take(ctx, limit); err != nil {
 		return nil, err
 	} else if wait > 0 {
 		return nil, &platform.Error{Code: platform.ETOOMANY, Message: "too many registrations from this address; wait before trying again", RetryAfter: wait}
-	}
-	if err := s.Throttle.Fail(ctx, limit); err != nil {
-		return nil, err
 	}
 	hash, err := s.Passwords.Hash(password)
 	if err != nil {
@@ -185,7 +184,9 @@ func (s *Service) Login(ctx context.Context, email, password string) (*TokenPair
 	email = normalEmail(email)
 	info := platform.RequestInfoFrom(ctx)
 	limits := s.loginLimits(email, info.IP)
-	wait, err := s.Throttle.Blocked(ctx, limits...)
+	// The attempt counts as a failure until it succeeds: logins sent at
+	// once take turns at the limit.
+	wait, err := s.Throttle.Take(ctx, limits...)
 	if err != nil {
 		return nil, err
 	}
@@ -196,9 +197,6 @@ func (s *Service) Login(ctx context.Context, email, password string) (*TokenPair
 	}
 	fail := func(reason string, u *platform.User) (*TokenPair, error) {
 		s.failed("bad_password")
-		if err := s.Throttle.Fail(ctx, limits...); err != nil {
-			return nil, err
-		}
 		e := platform.AuditEvent{Action: "login", Outcome: "failed", Reason: reason, Details: platform.JSONObject{"email": email}}
 		if u != nil {
 			e.ActorID, e.ActorKind = &u.ID, platform.KindUser
@@ -226,6 +224,7 @@ func (s *Service) Login(ctx context.Context, email, password string) (*TokenPair
 			_ = s.Accounts.SetPasswordHash(ctx, u.ID, hash)
 		}
 	}
+	_ = s.Throttle.Return(ctx, limits...)
 	_ = s.Throttle.Reset(ctx, limits[0].Key)
 	pair, err := s.openSession(ctx, u)
 	if err != nil {
@@ -322,7 +321,7 @@ func (s *Service) ChangePassword(ctx context.Context, p *platform.Principal, cur
 	// Guessing the current password with a stolen access token counts as
 	// failed logins do: the account locks out the same way.
 	limits := s.loginLimits(normalEmail(u.Email), platform.RequestInfoFrom(ctx).IP)
-	wait, err := s.Throttle.Blocked(ctx, limits...)
+	wait, err := s.Throttle.Take(ctx, limits...)
 	if err != nil {
 		return err
 	}
@@ -332,12 +331,10 @@ func (s *Service) ChangePassword(ctx context.Context, p *platform.Principal, cur
 	}
 	ok, _, err := s.Passwords.Verify(current, u.PasswordHash)
 	if err != nil || !ok {
-		if err := s.Throttle.Fail(ctx, limits...); err != nil {
-			return err
-		}
 		s.Audit.Record(ctx, platform.AuditEvent{Action: "user.password_change", Outcome: "failed", Reason: "wrong current password"})
 		return platform.Invalid("the current password is wrong", platform.FieldError{Field: "body.current_password", Message: "does not match"})
 	}
+	_ = s.Throttle.Return(ctx, limits...)
 	if bad := CheckPassword(u.Email, next, "body.new_password"); len(bad) > 0 {
 		return platform.Invalid("the new password is invalid", bad...)
 	}

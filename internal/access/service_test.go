@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -136,6 +137,38 @@ func TestLoginThrottle(t *testing.T) {
 	_, errWrong := w.svc.Login(victim, "ada@example.com", "wrong password")
 	if platform.ErrorCode(errUnknown) != platform.EUNAUTHORIZED || platform.ErrorMessage(errUnknown) != platform.ErrorMessage(errWrong) {
 		t.Fatalf("unknown email %v, wrong password %v", errUnknown, errWrong)
+	}
+}
+
+// Logins sent at once take turns at the limit: only as many as it allows
+// have their password checked (a burst was checked whole, then counted).
+func TestLoginThrottleUnderBurst(t *testing.T) {
+	w := newAccounts(t)
+	if _, err := w.svc.Register(from("10.0.0.1"), "ada@example.com", "correct horse", "Ada"); err != nil {
+		t.Fatal(err)
+	}
+	attacker := from("10.6.6.6")
+	var wg sync.WaitGroup
+	var checked, refused atomic.Int32
+	for range 30 {
+		wg.Go(func() {
+			_, err := w.svc.Login(attacker, "ada@example.com", "wrong password")
+			switch platform.ErrorCode(err) {
+			case platform.EUNAUTHORIZED:
+				checked.Add(1)
+			case platform.ETOOMANY:
+				refused.Add(1)
+			default:
+				t.Errorf("a login of the burst: %v", err)
+			}
+		})
+	}
+	wg.Wait()
+	if checked.Load() != 3 || refused.Load() != 27 {
+		t.Fatalf("30 wrong logins at once: %d checked, %d refused; want 3 (MaxFailures) and 27", checked.Load(), refused.Load())
+	}
+	if _, err := w.svc.Login(attacker, "ada@example.com", "correct horse"); platform.ErrorCode(err) != platform.ETOOMANY {
+		t.Fatalf("the right password after the burst: %v (want too many)", err)
 	}
 }
 

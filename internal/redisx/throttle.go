@@ -28,33 +28,6 @@ func NewThrottle(rdb redis.UniversalClient, prefix string) *Throttle {
 	return &Throttle{rdb: rdb, prefix: prefix + ":throttle:"}
 }
 
-// Blocked returns, in seconds, how long until every limit over its maximum
-// has reset; 0 when none is.
-func (t *Throttle) Blocked(ctx context.Context, limits ...Limit) (int, error) {
-	pipe := t.rdb.Pipeline()
-	gets := make([]*redis.StringCmd, len(limits))
-	ttls := make([]*redis.DurationCmd, len(limits))
-	for i, l := range limits {
-		gets[i] = pipe.Get(ctx, t.prefix+l.Key)
-		ttls[i] = pipe.PTTL(ctx, t.prefix+l.Key)
-	}
-	if _, err := pipe.Exec(ctx); err != nil && err != redis.Nil {
-		return 0, err
-	}
-	wait := 0
-	for i, l := range limits {
-		n, err := gets[i].Int()
-		if err != nil || n < l.Max {
-			continue
-		}
-		secs := int(ttls[i].Val().Seconds()) + 1
-		if secs > wait {
-			wait = secs
-		}
-	}
-	return wait, nil
-}
-
 // incrWithWindow increments KEYS[1] and starts its window (ARGV[1] ms) on
 // the first increment. Returns the new count.
 var incrWithWindow = redis.NewScript(`
@@ -62,15 +35,47 @@ local n = redis.call('INCR', KEYS[1])
 if n == 1 then redis.call('PEXPIRE', KEYS[1], ARGV[1]) end
 return n`)
 
-// Fail counts one failure against every limit.
-func (t *Throttle) Fail(ctx context.Context, limits ...Limit) error {
+// Take counts an attempt against every limit before it is made, and
+// returns, in seconds, how long until every limit it went over resets (0:
+// go ahead). Counting first makes concurrent attempts take turns: of many
+// sent at once, only as many as a limit allows go ahead (checking, then
+// counting failures afterwards, let a burst through whole). An attempt
+// that succeeds gives its count back with Return.
+func (t *Throttle) Take(ctx context.Context, limits ...Limit) (int, error) {
+	wait := 0
 	for _, l := range limits {
-		if err := incrWithWindow.Run(ctx, t.rdb, []string{t.prefix + l.Key}, l.Window.Milliseconds()).Err(); err != nil {
+		key := t.prefix + l.Key
+		n, err := incrWithWindow.Run(ctx, t.rdb, []string{key}, l.Window.Milliseconds()).Int()
+		if err != nil {
+			return 0, err
+		}
+		if n <= l.Max {
+			continue
+		}
+		ttl, err := t.rdb.PTTL(ctx, key).Result()
+		if err != nil {
+			return 0, err
+		}
+		wait = max(wait, int(ttl.Seconds())+1)
+	}
+	return wait, nil
+}
+
+// Return gives back an attempt Take counted, once it succeeded.
+func (t *Throttle) Return(ctx context.Context, limits ...Limit) error {
+	for _, l := range limits {
+		if err := decrToZero.Run(ctx, t.rdb, []string{t.prefix + l.Key}).Err(); err != nil {
 			return err
 		}
 	}
 	return nil
 }
+
+// decrToZero decrements KEYS[1] if it is above zero, keeping its window.
+var decrToZero = redis.NewScript(`
+local n = tonumber(redis.call('GET', KEYS[1]) or '0')
+if n > 0 then redis.call('DECR', KEYS[1]) end
+return n`)
 
 // Reset clears the named counters (after a success).
 func (t *Throttle) Reset(ctx context.Context, keys ...string) error {
