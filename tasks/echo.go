@@ -11,7 +11,7 @@ const TypeEcho = "agent:echo"
 
 // EchoPayload is the payload of agent:echo.
 type EchoPayload struct {
-	Message string `json:"message,omitempty" maxLength:"65536" doc:"What to echo back (at most 64 KiB)."`
+	Message string `json:"message,omitempty" doc:"What to echo back (at most 64 KiB of UTF-8)."`
 	// Fail makes the attempt fail with this error (for trying retries).
 	Fail string `json:"fail,omitempty" doc:"Make the attempt fail with this error (for trying retries)."`
 }

@@ -113,6 +113,7 @@ func TestBadValuesAreClientErrors(t *testing.T) {
 		{"a ';' in a parameter's name", "GET", "/v1/agents?zzz;=1", nil, nil, "';'"},
 		{"a ';' on delete all", "DELETE", "/v1/agents?x;=1", nil, nil, "';'"},
 		{"params nested 65 deep", "POST", "/v1/agents", `{"name":"deep","params":` + strings.Repeat(`{"a":`, 64) + `1` + strings.Repeat(`}`, 64) + `}`, nil, "nested more than 64"},
+		{"params nested 65 deep, without a Content-Type", "POST", "/v1/agents", `{"name":"deep","params":` + strings.Repeat(`{"a":`, 64) + `1` + strings.Repeat(`}`, 64) + `}`, []string{"Content-Type", ""}, "nested more than 64"},
 		{"a payload nested 9000 deep", "POST", "/v1/agents/" + agent + "/commands", `{"task":"agent:echo","payload":` + strings.Repeat(`[`, 9000) + strings.Repeat(`]`, 9000) + `}`, nil, "nested more than 64"},
 		{"a role granting an unknown type", "POST", "/v1/roles", map[string]any{"name": "typo", "permissions": []string{"Agnet.read"}}, nil, "no resource type"},
 		{"a key granting an unknown type", "POST", "/v1/api-keys", map[string]any{"name": "typo", "permissions": []string{"Nope.read"}}, nil, "no resource type"},
@@ -122,6 +123,10 @@ func TestBadValuesAreClientErrors(t *testing.T) {
 		if r.Status != 400 || !strings.HasPrefix(r.Header.Get("Content-Type"), "application/problem+json") || !strings.Contains(string(r.Body), req.says) {
 			t.Errorf("%s: %s %s: want a 400 problem, got %d %s: %s", req.what, req.method, req.path, r.Status, r.Header.Get("Content-Type"), r.Body)
 		}
+	}
+	// Credentials come first: an anonymous caller learns nothing of the query.
+	if r := c.Do("GET", "/v1/agents?zzz=1", nil); r.Status != 401 {
+		t.Errorf("an unknown parameter without credentials: want 401, got %d: %s", r.Status, r.Body)
 	}
 	// As deep as allowed is stored; a body over the limit is still 413.
 	alice.Must(201, "POST", "/v1/agents", `{"name":"deep enough","params":`+strings.Repeat(`{"a":`, 63)+`1`+strings.Repeat(`}`, 63)+`}`)

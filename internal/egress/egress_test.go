@@ -46,6 +46,7 @@ func TestAllowed(t *testing.T) {
 		{"IPv4-compatible metadata", nil, "::169.254.169.254", false},
 		{"6to4 of loopback", nil, "2002:7f00:1::1", false},
 		{"6to4 of a private address", nil, "2002:c0a8:101::1", false},
+		{"IPv4-translated loopback", nil, "::ffff:0:7f00:1", false},
 		{"Teredo", nil, "2001:0:4136:e378:8000:63bf:3fff:fdd2", false},
 		{"documentation range", nil, "192.0.2.1", false},
 		{"public IPv4", nil, "93.184.216.34", true},

@@ -138,7 +138,8 @@ const MaxJSONDepth = 64
 // runs after limitBody, so it reads at most the body limit.
 func limitJSONDepth() gin.HandlerFunc {
 	return func(c *gin.Context) {
-		if c.Request.Body == nil || c.Request.ContentLength == 0 || !strings.Contains(c.ContentType(), "json") {
+		// A body without a Content-Type is read as JSON too.
+		if ct := c.ContentType(); c.Request.Body == nil || c.Request.ContentLength == 0 || ct != "" && !strings.Contains(ct, "json") {
 			c.Next()
 			return
 		}

@@ -121,7 +121,7 @@ func New(opts Options) *Server {
 			Description: "An access token from POST /v1/auth/login, or an API key (`agk_…`)."},
 	}
 	s.API = humagin.New(engine, cfg)
-	s.API.UseMiddleware(canonicalIDs, s.onlyDocumentedQuery, s.authenticate)
+	s.API.UseMiddleware(canonicalIDs, s.authenticate, s.onlyDocumentedQuery)
 	s.platformRoutes()
 	return s
 }
