@@ -415,3 +415,28 @@ func TestAuthLeaveOrganization(t *testing.T) {
 	secExpect(t, "the last owner leaving", ada.Do("POST", leave, nil), 409)
 	ada.Must(200, "GET", "/v1/agents", nil)
 }
+
+// An owner leaving while another removes them: one of the two ends the
+// membership, the other is told so; neither waits on the other forever or
+// fails (the two locked the membership and the organization in opposite
+// orders, and PostgreSQL broke the deadlock with a 500).
+func TestLeavingWhileRemoved(t *testing.T) {
+	t.Parallel()
+	s := NewStack(t, nil)
+	c := s.Client(s.API())
+	for round := range 10 {
+		ada, bob := c.NewUser("ada"), c.NewUser("bob")
+		_, membership := secInvite(t, ada, bob, "owner")
+		var wg sync.WaitGroup
+		var removed, left *Response
+		wg.Go(func() { removed = ada.Do("DELETE", "/v1/members/"+membership, nil) })
+		wg.Go(func() { left = bob.Do("POST", "/v1/organizations/"+ada.Org+"/leave", nil) })
+		wg.Wait()
+		if removed.Status >= 500 || left.Status >= 500 || removed.Status/100 == 2 && left.Status/100 == 2 {
+			t.Fatalf("round %d: removed %d %s, left %d %s", round, removed.Status, removed.Body, left.Status, left.Body)
+		}
+		if removed.Status/100 != 2 && left.Status/100 != 2 {
+			t.Fatalf("round %d: neither ended the membership: removed %d %s, left %d %s", round, removed.Status, removed.Body, left.Status, left.Body)
+		}
+	}
+}

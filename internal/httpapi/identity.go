@@ -6,6 +6,7 @@ import (
 	"net/http"
 	"strconv"
 	"strings"
+	"sync"
 
 	"github.com/danielgtaylor/huma/v2"
 	"github.com/jmoiron/sqlx"
@@ -33,7 +34,8 @@ type Identity interface {
 	RoleByName(ctx context.Context, tx *sqlx.Tx, orgID, name string) (platform.RoleRef, error)
 	RoleName(ctx context.Context, tx *sqlx.Tx, roleID string) (string, error)
 	CountOwners(ctx context.Context, tx *sqlx.Tx, orgID string) (int, error)
-	LeaveOrganization(ctx context.Context, orgID, userID string) (string, error)
+	LeaveOrganization(ctx context.Context, orgID, userID string) (string, []string, error)
+	EndMembership(ctx context.Context, tx *sqlx.Tx, orgID, userID string) ([]string, error)
 	RoleMembers(ctx context.Context, tx *sqlx.Tx, roleID string) (int, error)
 }
 
@@ -420,14 +422,12 @@ func (s *Server) orgRoutes(d Deps) {
 			if p.Kind != platform.KindUser || p.KeyID != "" {
 				return nil, platform.Errorf(platform.EFORBIDDEN, "leave an organization logged in, not with an API key")
 			}
-			id, err := d.Identity.LeaveOrganization(ctx, in.ID, p.ID)
+			id, revoked, err := d.Identity.LeaveOrganization(ctx, in.ID, p.ID)
 			if err != nil {
 				return nil, err
 			}
-			m := &Member{UserID: p.ID}
-			m.ID, m.OrgID = id, in.ID
 			d.Accounts.InvalidateUser(ctx, p.ID)
-			revokeMemberKeys(ctx, d, m)
+			keysRevoked(ctx, d, p.ID, revoked)
 			d.Audit.Record(ctx, platform.AuditEvent{OrgID: &in.ID, Action: "membership.leave", ResourceType: "Membership", ResourceID: &id, Outcome: "ok"})
 			return nil, nil
 		})
@@ -596,13 +596,24 @@ func (s *Server) membershipRoutes(d Deps) {
 			m.RoleID = role.ID
 			return nil
 		},
-		BeforeDelete: func(ctx context.Context, tx *sqlx.Tx, m *Member) error { return keepAnOwner(ctx, tx, m) },
+		BeforeDelete: func(ctx context.Context, tx *sqlx.Tx, m *Member) error {
+			if err := keepAnOwner(ctx, tx, m); err != nil {
+				return err
+			}
+			revoked, err := d.Identity.EndMembership(ctx, tx, m.OrgID, m.UserID)
+			if err == nil {
+				endedKeys.Store(m.ID, revoked) // for AfterCommit
+			}
+			return err
+		},
 		// After the commit: a reader that loaded the member's facts before
 		// it would cache the old membership again.
 		AfterCommit: func(ctx context.Context, op crud.Op, m *Member) {
 			d.Accounts.InvalidateUser(ctx, m.UserID)
 			if op == crud.OpDelete {
-				revokeMemberKeys(ctx, d, m)
+				if revoked, ok := endedKeys.LoadAndDelete(m.ID); ok {
+					keysRevoked(ctx, d, m.UserID, revoked.([]string))
+				}
 			}
 			d.Audit.Record(ctx, platform.AuditEvent{Action: "membership." + opName(op), ResourceType: "Membership", ResourceID: &m.ID, Outcome: "ok",
 				Details: platform.JSONObject{"user_id": m.UserID, "role_id": m.RoleID}})
@@ -731,21 +742,18 @@ func orgMaxInFlight(d Deps) int {
 	return d.Dispatcher.Store.Limits.OrgMaxInFlight
 }
 
-// revokeMemberKeys revokes the API keys a removed member made in the
-// organization, theirs and their agents': refused while they are not a
-// member, they would work again if the member were invited back.
-func revokeMemberKeys(ctx context.Context, d Deps, m *Member) {
-	var prefixes []string
-	err := d.DB.SelectContext(ctx, &prefixes, `UPDATE api_keys SET revoked_at = now()
-		WHERE org_id = $1 AND owner_id = $2 AND revoked_at IS NULL RETURNING prefix`, m.OrgID, m.UserID)
-	if err != nil {
-		loggerFrom(ctx).WarnContext(ctx, "the removed member's API keys were not revoked; they stay refused while the user is not a member", "user_id", m.UserID, "err", err)
-	}
+// endedKeys holds, from a membership's deletion to its commit, the
+// prefixes of the keys its deletion revoked (by membership id).
+var endedKeys sync.Map
+
+// keysRevoked drops the revoked keys of a membership that ended from the
+// caches, and audits their revocation.
+func keysRevoked(ctx context.Context, d Deps, userID string, prefixes []string) {
 	for _, prefix := range prefixes {
 		d.Accounts.InvalidateKey(ctx, prefix)
 	}
 	if len(prefixes) > 0 {
-		d.Audit.Record(ctx, platform.AuditEvent{Action: "api_key.revoke", ResourceType: "ApiKey", Outcome: "ok", Reason: "member removed",
-			Details: platform.JSONObject{"user_id": m.UserID, "prefixes": prefixes}})
+		d.Audit.Record(ctx, platform.AuditEvent{Action: "api_key.revoke", ResourceType: "ApiKey", Outcome: "ok", Reason: "membership ended",
+			Details: platform.JSONObject{"user_id": userID, "prefixes": prefixes}})
 	}
 }

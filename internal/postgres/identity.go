@@ -441,19 +441,17 @@ func (s *IdentityStore) RoleName(ctx context.Context, tx *sqlx.Tx, roleID string
 	return name, sqlq.MapError(err, "role not found")
 }
 
-// LeaveOrganization ends userID's membership of orgID: ENOTFOUND if they
-// are not a member, ECONFLICT if they are its last owner. It returns the
-// membership's id.
-func (s *IdentityStore) LeaveOrganization(ctx context.Context, orgID, userID string) (string, error) {
+// LeaveOrganization ends userID's membership of orgID (see EndMembership):
+// ENOTFOUND if they are not a member, ECONFLICT if they are its last
+// owner. It returns the membership's id and the revoked keys' prefixes.
+func (s *IdentityStore) LeaveOrganization(ctx context.Context, orgID, userID string) (string, []string, error) {
 	tx, err := s.DB.BeginTxx(ctx, nil)
 	if err != nil {
-		return "", err
+		return "", nil, err
 	}
 	defer tx.Rollback()
-	owners, err := s.CountOwners(ctx, tx, orgID) // locks the organization: see CountOwners
-	if err != nil {
-		return "", err
-	}
+	// The membership, then the organization: the order a removal by an
+	// admin locks them in, so that the two never wait on each other.
 	var m struct {
 		ID   string `db:"id"`
 		Role string `db:"name"`
@@ -461,15 +459,40 @@ func (s *IdentityStore) LeaveOrganization(ctx context.Context, orgID, userID str
 	err = tx.GetContext(ctx, &m, `SELECT m.id, r.name FROM memberships m JOIN roles r ON r.id = m.role_id
 		WHERE m.org_id = $1 AND m.user_id = $2 FOR UPDATE OF m`, orgID, userID)
 	if err != nil {
-		return "", sqlq.MapError(err, "you are not a member of this organization")
+		return "", nil, sqlq.MapError(err, "you are not a member of this organization")
 	}
-	if m.Role == platform.RoleOwner && owners <= 1 {
-		return "", platform.Errorf(platform.ECONFLICT, "you are the organization's last owner: make another owner first, or delete the organization")
+	if m.Role == platform.RoleOwner {
+		owners, err := s.CountOwners(ctx, tx, orgID)
+		if err != nil {
+			return "", nil, sqlq.MapError(err, "organization not found")
+		}
+		if owners <= 1 {
+			return "", nil, platform.Errorf(platform.ECONFLICT, "you are the organization's last owner: make another owner first, or delete the organization")
+		}
 	}
 	if _, err := tx.ExecContext(ctx, "DELETE FROM memberships WHERE id = $1", m.ID); err != nil {
-		return "", err
+		return "", nil, err
 	}
-	return m.ID, tx.Commit()
+	revoked, err := s.EndMembership(ctx, tx, orgID, userID)
+	if err != nil {
+		return "", nil, err
+	}
+	return m.ID, revoked, tx.Commit()
+}
+
+// EndMembership does, in tx, what ends with userID's membership of orgID:
+// it revokes the API keys they made there (theirs and their agents':
+// refused while they are not a member, they would work again if they were
+// invited back), and the organization is no longer their default. It
+// returns the revoked keys' prefixes, for the caches.
+func (s *IdentityStore) EndMembership(ctx context.Context, tx *sqlx.Tx, orgID, userID string) ([]string, error) {
+	if _, err := tx.ExecContext(ctx, "UPDATE users SET default_org_id = NULL WHERE id = $1 AND default_org_id = $2", userID, orgID); err != nil {
+		return nil, err
+	}
+	var prefixes []string
+	err := tx.SelectContext(ctx, &prefixes, `UPDATE api_keys SET revoked_at = now()
+		WHERE org_id = $1 AND owner_id = $2 AND revoked_at IS NULL RETURNING prefix`, orgID, userID)
+	return prefixes, err
 }
 
 // CountOwners returns how many owners an organization has, in tx. It
@@ -478,7 +501,7 @@ func (s *IdentityStore) LeaveOrganization(ctx context.Context, orgID, userID str
 // each count two and leave none.
 func (s *IdentityStore) CountOwners(ctx context.Context, tx *sqlx.Tx, orgID string) (int, error) {
 	if _, err := tx.ExecContext(ctx, "SELECT 1 FROM organizations WHERE id = $1 FOR NO KEY UPDATE", orgID); err != nil {
-		return 0, err
+		return 0, sqlq.MapError(err, "organization not found") // a deadlock is a conflict to retry
 	}
 	var n int
 	err := tx.GetContext(ctx, &n, "SELECT count(*) FROM memberships m JOIN roles r ON r.id = m.role_id WHERE m.org_id = $1 AND r.name = 'owner'", orgID)
