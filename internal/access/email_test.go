@@ -16,6 +16,9 @@ func TestValidEmail(t *testing.T) {
 		{"ada@example.com", true},
 		{"ada.lovelace+tag@mail.example.co.uk", true},
 		{"jörg@münchen.example", true},
+		{"jorg@mu\u0308nchen.example", true}, // decomposed: u and a combining diaeresis
+		{"user@example.भारत", true},
+		{"user@ตัวอย่าง.ไทย", true},
 		{"not-an-email", false},
 		{"ada@localhost", false},
 		{"ada@example.com.", false},

@@ -105,7 +105,7 @@ func ValidEmail(s string) bool {
 			return false
 		}
 		for _, r := range l {
-			if r != '-' && !unicode.IsLetter(r) && !unicode.IsDigit(r) {
+			if r != '-' && !unicode.IsLetter(r) && !unicode.IsMark(r) && !unicode.IsDigit(r) {
 				return false
 			}
 		}

@@ -270,7 +270,9 @@ func TestAuthSeedAdmin(t *testing.T) {
 		t.Fatalf("lowered limit: %v", got)
 	}
 	secExpect(t, "an owner raises her organization's limit", adaIn.Do("PATCH", adaOrg, map[string]any{"org_max_in_flight": 100000}), 403)
-	root.As(access, ada.Org).Must(200, "PATCH", adaOrg, map[string]any{"org_max_in_flight": 100000})
+	root.As(access, ada.Org).Must(200, "PATCH", adaOrg, map[string]any{"org_max_in_flight": 1000})
+	adaIn.Must(200, "PATCH", adaOrg, map[string]any{"org_max_in_flight": 500}) // lowered from what she was let have
+	secExpect(t, "an owner raises her organization's limit back", adaIn.Do("PATCH", adaOrg, map[string]any{"org_max_in_flight": 1000}), 403)
 
 	// Two superadmins demoting each other at the same moment: one stays.
 	bob := c.NewUser("bob")

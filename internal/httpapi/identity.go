@@ -379,7 +379,7 @@ func (s *Server) orgRoutes(d Deps) {
 	huma.Register(s.API, s.op(http.MethodPatch, "/v1/organizations/{id}", "update-organization", "Organizations", "Update an organization",
 		"Renames the organization or sets its limit of commands in flight. Owners and admins; raising the limit above the platform's default (AGENTRY_ORG_MAX_IN_FLIGHT) takes a superadmin.", http.StatusOK, true, http.StatusForbidden, http.StatusNotFound, http.StatusPreconditionFailed),
 		func(ctx context.Context, in *orgUpdateInput) (*orgOutput, error) {
-			_, p, err := load(ctx, in.ID)
+			org, p, err := load(ctx, in.ID)
 			if err != nil {
 				return nil, err
 			}
@@ -402,12 +402,17 @@ func (s *Server) orgRoutes(d Deps) {
 				maxInFlight, clearMax = nil, true
 			}
 			// The limit shares the workers fairly among organizations: an
-			// organization may restrain itself, only a superadmin lets one
-			// have more than the platform's default.
-			if platformMax := orgMaxInFlight(d); maxInFlight != nil && platformMax > 0 && *maxInFlight > platformMax && !p.Superadmin {
-				return nil, platform.Errorf(platform.EFORBIDDEN, "only a superadmin may raise org_max_in_flight above the platform's %d", platformMax)
+			// organization may restrain itself (up to the platform's default,
+			// or lower than a superadmin let it have), only a superadmin lets
+			// one have more.
+			allowed := orgMaxInFlight(d)
+			if org.OrgMaxInFlight != nil {
+				allowed = max(allowed, *org.OrgMaxInFlight)
 			}
-			org, err := d.Identity.UpdateOrganization(ctx, in.ID, name, maxInFlight, clearMax, ifVersion)
+			if maxInFlight != nil && allowed > 0 && *maxInFlight > allowed && !p.Superadmin {
+				return nil, platform.Errorf(platform.EFORBIDDEN, "only a superadmin may raise org_max_in_flight above %d", allowed)
+			}
+			org, err = d.Identity.UpdateOrganization(ctx, in.ID, name, maxInFlight, clearMax, ifVersion)
 			if err != nil {
 				return nil, err
 			}
