@@ -98,7 +98,11 @@ func with(base map[string]int, changes map[string]int) map[string]int {
 
 func renderCases(t *testing.T) []renderCase {
 	t.Helper()
-	cases := []renderCase{{name: "defaults", kinds: defaultKinds}}
+	cases := []renderCase{
+		{name: "defaults", kinds: defaultKinds},
+		{name: "production settings from extraEnvFrom", bare: true, values: `
+extraEnvFrom: [{secretRef: {name: agentry-env}}]`},
+	}
 	examples, err := filepath.Glob("examples/*.yaml")
 	if err != nil || len(examples) == 0 {
 		t.Fatalf("no example values files under examples/ (err %v)", err)
@@ -296,7 +300,10 @@ func TestRenderRejects(t *testing.T) {
 		{"hpa to zero", `worker: {autoscaling: {enabled: true, kind: hpa, minReplicas: 0}}`, "worker.autoscaling.minReplicas", false},
 		{"api hpa without target", `api: {autoscaling: {targetCPUUtilizationPercentage: 0}}`, "api.autoscaling", false},
 		{"seed without email", `migrations: {seedAdmin: true}`, "config.adminEmail", false},
-		{"production without secrets", `config: {env: production}`, "secrets.databaseUrl, secrets.redisUrl, secrets.jwtSecret, secrets.secretsKey", true},
+		{"production without secrets", `config: {env: production}`, "secrets.databaseUrl, secrets.jwtSecret, secrets.redisUrl, secrets.secretsKey", true},
+		{"production with some secrets in extraEnv", `
+config: {env: production}
+extraEnv: [{name: AGENTRY_DATABASE_URL, value: "postgres://x@db/agentry"}, {name: AGENTRY_JWT_SECRET, valueFrom: {secretKeyRef: {name: jwt, key: secret}}}]`, "secrets.redisUrl, secrets.secretsKey (", true},
 		{"production without a secrets key", `
 config: {env: production}
 secrets:

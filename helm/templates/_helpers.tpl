@@ -385,13 +385,15 @@ values.schema.json checks each value on its own. It renders nothing.
 {{- if and $v.migrations.enabled $v.migrations.seedAdmin (not $v.config.adminEmail) }}
 {{- fail "migrations.seedAdmin needs config.adminEmail" }}
 {{- end }}
-{{- if and (eq $v.config.env "production") (not $v.existingSecret) }}
+{{- if and (eq $v.config.env "production") (not $v.existingSecret) (not $v.extraEnvFrom) }}
+{{- $given := list }}
+{{- range $v.extraEnv }}{{ $given = append $given .name }}{{ end }}
 {{- $missing := list }}
-{{- range $name := list "databaseUrl" "redisUrl" "jwtSecret" "secretsKey" }}
-{{- if not (index $v.secrets $name) }}{{ $missing = append $missing (printf "secrets.%s" $name) }}{{ end }}
+{{- range $key, $name := dict "databaseUrl" "AGENTRY_DATABASE_URL" "redisUrl" "AGENTRY_REDIS_URL" "jwtSecret" "AGENTRY_JWT_SECRET" "secretsKey" "AGENTRY_SECRETS_KEY" }}
+{{- if not (or (index $v.secrets $key) (has $name $given)) }}{{ $missing = append $missing (printf "secrets.%s" $key) }}{{ end }}
 {{- end }}
 {{- if $missing }}
-{{- fail (printf "production needs %s (or existingSecret): the pods would not start" (join ", " $missing)) }}
+{{- fail (printf "production needs %s (or existingSecret, or the variables in extraEnv or extraEnvFrom): the pods would not start" (join ", " $missing)) }}
 {{- end }}
 {{- end }}
 {{- if and $v.migrations.enabled $v.migrations.seedAdmin (eq $v.config.env "production") (not $v.existingSecret) (not $v.secrets.adminPassword) }}
