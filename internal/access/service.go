@@ -23,8 +23,13 @@ type Accounts interface {
 	CreateUser(ctx context.Context, email, name, passwordHash string, superadmin bool) (*platform.User, *platform.Organization, error)
 	UserByEmail(ctx context.Context, email string) (*platform.User, error)
 	UserByID(ctx context.Context, id string) (*platform.User, error)
-	SetPasswordHash(ctx context.Context, userID, hash string) error
-	CreateSession(ctx context.Context, familyID, userID string, tokenHash []byte, expires time.Time, ip, userAgent string) error
+	// SetPasswordHash replaces the hash old by hash; false if the hash is
+	// no longer old (the password changed meanwhile).
+	SetPasswordHash(ctx context.Context, userID, old, hash string) (bool, error)
+	// CreateSession opens a session if the user's password hash is still
+	// passwordHash (the one the login checked) and they are not disabled;
+	// EUNAUTHORIZED otherwise.
+	CreateSession(ctx context.Context, familyID, userID, passwordHash string, tokenHash []byte, expires time.Time, ip, userAgent string) error
 	Rotate(ctx context.Context, old, next []byte, expires time.Time, ip, userAgent string) (*platform.Session, bool, error)
 	RevokeFamily(ctx context.Context, userID, familyID string) error
 	RevokeOtherSessions(ctx context.Context, userID, keep string) ([]string, error)
@@ -221,7 +226,9 @@ func (s *Service) Login(ctx context.Context, email, password string) (*TokenPair
 	}
 	if rehash {
 		if hash, err := s.Passwords.Hash(password); err == nil {
-			_ = s.Accounts.SetPasswordHash(ctx, u.ID, hash)
+			if ok, err := s.Accounts.SetPasswordHash(ctx, u.ID, u.PasswordHash, hash); err == nil && ok {
+				u.PasswordHash = hash
+			}
 		}
 	}
 	_ = s.Throttle.Return(ctx, limits...)
@@ -251,7 +258,10 @@ func (s *Service) openSession(ctx context.Context, u *platform.User) (*TokenPair
 	info := platform.RequestInfoFrom(ctx)
 	family := uuid.NewString()
 	refresh, hash := newRefreshToken()
-	if err := s.Accounts.CreateSession(ctx, family, u.ID, hash, time.Now().Add(s.RefreshTTL), info.IP, info.UserAgent); err != nil {
+	// Only if the password is still the one checked: a login racing a
+	// password change would otherwise open a session the change did not
+	// see, and keep the old password's holder in.
+	if err := s.Accounts.CreateSession(ctx, family, u.ID, u.PasswordHash, hash, time.Now().Add(s.RefreshTTL), info.IP, info.UserAgent); err != nil {
 		return nil, err
 	}
 	return s.pair(u, family, refresh)
@@ -342,8 +352,10 @@ func (s *Service) ChangePassword(ctx context.Context, p *platform.Principal, cur
 	if err != nil {
 		return err
 	}
-	if err := s.Accounts.SetPasswordHash(ctx, u.ID, hash); err != nil {
+	if ok, err := s.Accounts.SetPasswordHash(ctx, u.ID, u.PasswordHash, hash); err != nil {
 		return err
+	} else if !ok {
+		return platform.Errorf(platform.ECONFLICT, "the password changed meanwhile; log in again")
 	}
 	families, err := s.Accounts.RevokeOtherSessions(ctx, u.ID, p.SessionID)
 	if err != nil {

@@ -172,6 +172,51 @@ func TestLoginThrottleUnderBurst(t *testing.T) {
 	}
 }
 
+// changedMeanwhile is the identity store with a password change committed
+// between a login's check of the password and its session.
+type changedMeanwhile struct {
+	*postgres.IdentityStore
+	change func()
+}
+
+func (c changedMeanwhile) CreateSession(ctx context.Context, familyID, userID, passwordHash string, tokenHash []byte, expires time.Time, ip, userAgent string) error {
+	c.change()
+	return c.IdentityStore.CreateSession(ctx, familyID, userID, passwordHash, tokenHash, expires, ip, userAgent)
+}
+
+// A login that checked the old password while it was being changed opens
+// no session: the change's revocation of the others would miss it, and the
+// old password's holder would stay in.
+func TestLoginRacingPasswordChange(t *testing.T) {
+	ctx := context.Background()
+	w := newAccounts(t)
+	if _, err := w.svc.Register(from("10.0.0.1"), "ada@example.com", "correct horse", "Ada"); err != nil {
+		t.Fatal(err)
+	}
+	mine, err := w.svc.Login(from("10.0.0.1"), "ada@example.com", "correct horse")
+	if err != nil {
+		t.Fatal(err)
+	}
+	p, err := w.svc.Tokens.Parse(mine.AccessToken)
+	if err != nil {
+		t.Fatal(err)
+	}
+	changed := false
+	w.svc.Accounts = changedMeanwhile{w.store, func() {
+		if changed {
+			return
+		}
+		changed = true
+		principal := &platform.Principal{ID: p.Subject, Kind: platform.KindUser, SessionID: p.SessionID}
+		if err := w.svc.ChangePassword(ctx, principal, "correct horse", "a brand new password"); err != nil {
+			t.Fatal(err)
+		}
+	}}
+	if _, err := w.svc.Login(from("10.6.6.6"), "ada@example.com", "correct horse"); platform.ErrorCode(err) != platform.EUNAUTHORIZED {
+		t.Fatalf("a login with the old password, racing its change: %v (want unauthorized)", err)
+	}
+}
+
 func TestRefreshLogoutPassword(t *testing.T) {
 	w := newAccounts(t)
 	ctx := from("10.0.0.1")

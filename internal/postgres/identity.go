@@ -134,9 +134,13 @@ func (s *IdentityStore) UserByID(ctx context.Context, id string) (*platform.User
 }
 
 // SetPasswordHash replaces the user's password hash.
-func (s *IdentityStore) SetPasswordHash(ctx context.Context, userID, hash string) error {
-	_, err := s.DB.ExecContext(ctx, "UPDATE users SET password_hash = $1, updated_at = now(), version = version + 1 WHERE id = $2", hash, userID)
-	return err
+func (s *IdentityStore) SetPasswordHash(ctx context.Context, userID, old, hash string) (bool, error) {
+	res, err := s.DB.ExecContext(ctx, "UPDATE users SET password_hash = $1, updated_at = now(), version = version + 1 WHERE id = $2 AND password_hash = $3", hash, userID, old)
+	if err != nil {
+		return false, err
+	}
+	n, err := res.RowsAffected()
+	return n == 1, err
 }
 
 // UpdateUser changes what a user may change of themselves: their name and
@@ -267,10 +271,19 @@ func (s *IdentityStore) Memberships(ctx context.Context, userID string) ([]platf
 }
 
 // CreateSession stores the first refresh token of a new family.
-func (s *IdentityStore) CreateSession(ctx context.Context, familyID, userID string, tokenHash []byte, expires time.Time, ip, userAgent string) error {
-	_, err := s.DB.ExecContext(ctx, `INSERT INTO refresh_tokens (id, family_id, user_id, token_hash, expires_at, ip, user_agent)
-		VALUES ($1, $2, $3, $4, $5, $6, $7)`, uuid.NewString(), familyID, userID, tokenHash, expires, ip, platform.Storable(userAgent, 256))
-	return err
+func (s *IdentityStore) CreateSession(ctx context.Context, familyID, userID, passwordHash string, tokenHash []byte, expires time.Time, ip, userAgent string) error {
+	res, err := s.DB.ExecContext(ctx, `INSERT INTO refresh_tokens (id, family_id, user_id, token_hash, expires_at, ip, user_agent)
+		SELECT $1, $2, u.id, $4, $5, $6, $7 FROM users u WHERE u.id = $3 AND u.password_hash = $8 AND NOT u.disabled`,
+		uuid.NewString(), familyID, userID, tokenHash, expires, ip, platform.Storable(userAgent, 256), passwordHash)
+	if err != nil {
+		return err
+	}
+	if n, err := res.RowsAffected(); err != nil {
+		return err
+	} else if n == 0 {
+		return platform.Errorf(platform.EUNAUTHORIZED, "wrong email or password")
+	}
+	return nil
 }
 
 // Rotate exchanges the refresh token with hash old for one with hash next
