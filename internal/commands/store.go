@@ -91,7 +91,11 @@ type Admitted struct {
 }
 
 // agentStatus sets the status of the agents of done's commands from their
-// running commands (done being a CTE of changed commands).
+// running commands (done being a CTE of changed commands). It never
+// touches a disabled agent, nor disables one: enabling and disabling are
+// the API's. (The status it computes is of the statement's snapshot; the
+// update's condition is checked again on the row as it is when locked, so
+// an agent disabled or enabled meanwhile keeps that.)
 // The statement's snapshot still shows done's commands as they were, so
 // they are judged by their new status in done, and the others from commands
 // (through commands_inflight_idx: a running command is always admitted).
@@ -113,6 +117,7 @@ const agentStatus = `st AS MATERIALIZED (
 		UPDATE agents a SET status = st.status, updated_at = now()
 		FROM st, ag_lock l
 		WHERE a.id = st.id AND l.id = a.id AND a.status <> st.status
+			AND a.status <> 'disabled' AND st.status <> 'disabled'
 		RETURNING a.id)`
 
 // Insert stores a new queued command and its first event, leaving its
@@ -727,7 +732,7 @@ func (s *Store) FixAgentStatuses(ctx context.Context) ([]string, error) {
 				WHEN EXISTS (SELECT 1 FROM commands c WHERE c.agent_id = g.id AND c.status = 'running') THEN 'busy'
 				WHEN g.status = 'busy' THEN 'idle' ELSE g.status END AS status
 			FROM agents g WHERE g.status <> 'disabled') s
-		WHERE a.id = s.id AND a.status <> s.status
+		WHERE a.id = s.id AND a.status <> s.status AND a.status <> 'disabled'
 		RETURNING a.id`)
 	return ids, err
 }

@@ -726,3 +726,44 @@ func TestSweepDeletesAllThatExpired(t *testing.T) {
 		t.Fatal("a live command was swept")
 	}
 }
+
+// An agent disabled while its command's outcome is being recorded stays
+// disabled: the outcome's statement worked the agent's status out from
+// its snapshot (busy, so idle now) and wrote it over the disabling.
+func TestOutcomeKeepsAConcurrentDisabling(t *testing.T) {
+	t.Parallel()
+	f := newFixture(t, Limits{100, 100})
+	agent := f.newAgent(f.org, nil)
+	ctx := context.Background()
+	c := f.insert(f.org, agent, nil)
+	f.admit(agent)
+	f.claim(c.ID, 1)
+	if got := f.agentStatus(agent); got != "busy" {
+		t.Fatalf("a running agent is %s", got)
+	}
+	// The disabling holds the agent's row while the outcome's statement
+	// starts, and commits while it waits.
+	tx, err := f.db.Beginx()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer tx.Rollback()
+	if _, err := tx.Exec(`UPDATE agents SET status = 'disabled' WHERE id = $1`, agent); err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan error, 1)
+	go func() {
+		_, err := f.store.Finish(ctx, c.ID, 1, succeeded)
+		done <- err
+	}()
+	time.Sleep(200 * time.Millisecond) // the outcome's statement waits on the row
+	if err := tx.Commit(); err != nil {
+		t.Fatal(err)
+	}
+	if err := <-done; err != nil {
+		t.Fatal(err)
+	}
+	if got := f.agentStatus(agent); got != "disabled" {
+		t.Fatalf("an agent disabled while its command ended: %s, want disabled", got)
+	}
+}
