@@ -442,3 +442,36 @@ func TestLeavingWhileRemoved(t *testing.T) {
 		}
 	}
 }
+
+// Keys a member makes while being removed do not outlive the membership:
+// made after the removal revoked the member's keys, they worked again when
+// the member was invited back.
+func TestKeysMadeWhileRemovedStayRevoked(t *testing.T) {
+	t.Parallel()
+	s := NewStack(t, nil)
+	c := s.Client(s.API())
+	for round := range 8 {
+		ada, bob := c.NewUser("ada"), c.NewUser("bob")
+		bobIn, membership := secInvite(t, ada, bob, "member")
+		var wg sync.WaitGroup
+		var mu sync.Mutex
+		var keys []string
+		for range 6 {
+			wg.Go(func() {
+				if r := bobIn.Do("POST", "/v1/api-keys", map[string]any{"name": "k", "permissions": []string{"Agent.read"}}); r.Status == 201 {
+					mu.Lock()
+					keys = append(keys, r.Str(t, "key"))
+					mu.Unlock()
+				}
+			})
+		}
+		wg.Go(func() { ada.Must(204, "DELETE", "/v1/members/"+membership, nil) })
+		wg.Wait()
+		secInvite(t, ada, bob, "member")
+		for _, k := range keys {
+			if st := c.As(k, "").Do("GET", "/v1/agents", nil).Status; st != 401 {
+				t.Fatalf("round %d: a key made while bob was removed works after he was invited back: %d", round, st)
+			}
+		}
+	}
+}

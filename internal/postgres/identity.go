@@ -499,6 +499,11 @@ func (s *IdentityStore) LeaveOrganization(ctx context.Context, orgID, userID str
 // invited back), and the organization is no longer their default. It
 // returns the revoked keys' prefixes, for the caches.
 func (s *IdentityStore) EndMembership(ctx context.Context, tx *sqlx.Tx, orgID, userID string) ([]string, error) {
+	// Waits for the keys being made under the membership (CreateKey holds
+	// it), so that the revocation below sees them.
+	if _, err := tx.ExecContext(ctx, "SELECT 1 FROM memberships WHERE org_id = $1 AND user_id = $2 FOR UPDATE", orgID, userID); err != nil {
+		return nil, err
+	}
 	if _, err := tx.ExecContext(ctx, "UPDATE users SET default_org_id = NULL WHERE id = $1 AND default_org_id = $2", userID, orgID); err != nil {
 		return nil, err
 	}
@@ -581,10 +586,20 @@ func (s *IdentityStore) ListAudit(ctx context.Context, f platform.AuditFilter) (
 
 // CreateKey stores a new API key.
 func (s *IdentityStore) CreateKey(ctx context.Context, k *platform.APIKey) error {
-	// Inserts the key; returns its timestamps and version.
-	return s.DB.QueryRowxContext(ctx, `INSERT INTO api_keys (id, org_id, owner_id, entity_id, name, prefix, secret_hash, permissions, expires_at)
-		VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) RETURNING created_at, updated_at, version`,
+	// Inserts the key while its maker is a member, holding their membership
+	// until the insert commits: a removal at the same moment either comes
+	// first (no key) or waits and revokes it (see EndMembership). Returns
+	// the key's timestamps and version.
+	err := s.DB.QueryRowxContext(ctx, `WITH member AS (
+			SELECT 1 FROM memberships WHERE org_id = $2 AND user_id = $3 FOR KEY SHARE)
+		INSERT INTO api_keys (id, org_id, owner_id, entity_id, name, prefix, secret_hash, permissions, expires_at)
+		SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9 WHERE EXISTS (SELECT 1 FROM member)
+		RETURNING created_at, updated_at, version`,
 		k.ID, k.OrgID, k.OwnerID, k.EntityID, k.Name, k.Prefix, k.SecretHash, k.Permissions, k.ExpiresAt).Scan(&k.CreatedAt, &k.UpdatedAt, &k.Version)
+	if errors.Is(err, sql.ErrNoRows) {
+		return platform.Errorf(platform.EFORBIDDEN, "you are not a member of this organization")
+	}
+	return err
 }
 
 // RevokeKey marks a key revoked (in tx, after the caller loaded it).
