@@ -475,3 +475,31 @@ func TestKeysMadeWhileRemovedStayRevoked(t *testing.T) {
 		}
 	}
 }
+
+// Two owners demoting each other at once, a third owner keeping the
+// organization owned: the second to act is no longer an owner and is
+// refused (both succeeded, each judged by the role it had when its request
+// began).
+func TestOwnersDemotingEachOther(t *testing.T) {
+	t.Parallel()
+	s := NewStack(t, nil)
+	c := s.Client(s.API())
+	for round := range 8 {
+		ada, bob, cy := c.NewUser("ada"), c.NewUser("bob"), c.NewUser("cy")
+		bobIn, bobMembership := secInvite(t, ada, bob, "owner")
+		secInvite(t, ada, cy, "owner")
+		items := ada.Must(200, "GET", "/v1/members?user_id="+ada.ID, nil).JSON(t)["items"].([]any)
+		adaMembership := items[0].(map[string]any)["id"].(string)
+		var wg sync.WaitGroup
+		var byAda, byBob *Response
+		wg.Go(func() { byAda = ada.Do("PATCH", "/v1/members/"+bobMembership, map[string]any{"role": "admin"}) })
+		wg.Go(func() { byBob = bobIn.Do("PATCH", "/v1/members/"+adaMembership, map[string]any{"role": "admin"}) })
+		wg.Wait()
+		if byAda.Status == 200 && byBob.Status == 200 {
+			t.Fatalf("round %d: two owners demoted each other", round)
+		}
+		if byAda.Status >= 500 || byBob.Status >= 500 {
+			t.Fatalf("round %d: %d %s / %d %s", round, byAda.Status, byAda.Body, byBob.Status, byBob.Body)
+		}
+	}
+}

@@ -34,6 +34,7 @@ type Identity interface {
 	RoleByName(ctx context.Context, tx *sqlx.Tx, orgID, name string) (platform.RoleRef, error)
 	RoleName(ctx context.Context, tx *sqlx.Tx, roleID string) (string, error)
 	CountOwners(ctx context.Context, tx *sqlx.Tx, orgID string) (int, error)
+	MemberRole(ctx context.Context, tx *sqlx.Tx, orgID, userID string) (string, error)
 	LeaveOrganization(ctx context.Context, orgID, userID string) (string, []string, error)
 	EndMembership(ctx context.Context, tx *sqlx.Tx, orgID, userID string) ([]string, error)
 	RoleMembers(ctx context.Context, tx *sqlx.Tx, roleID string) (int, error)
@@ -516,6 +517,22 @@ type RoleInput struct {
 
 func (s *Server) membershipRoutes(d Deps) {
 	membership := platform.Scope{Type: "Membership"}
+	// ownerNow refuses a caller who is not an owner of orgID as tx sees it
+	// now (not as the request's principal was loaded: another owner may
+	// have demoted them meanwhile), unless a superadmin.
+	ownerNow := func(ctx context.Context, tx *sqlx.Tx, orgID, refusal string) error {
+		p := caller(ctx)
+		if p.Superadmin {
+			return nil
+		}
+		if role, err := d.Identity.MemberRole(ctx, tx, orgID, p.ID); err != nil || role != platform.RoleOwner {
+			if err != nil && platform.ErrorCode(err) != platform.ENOTFOUND {
+				return err
+			}
+			return platform.Errorf(platform.EFORBIDDEN, "%s", refusal)
+		}
+		return nil
+	}
 	checkRole := func(ctx context.Context, tx *sqlx.Tx, orgID, role string) (platform.RoleRef, error) {
 		ref, err := d.Identity.RoleByName(ctx, tx, orgID, role)
 		if platform.ErrorCode(err) == platform.ENOTFOUND {
@@ -524,8 +541,13 @@ func (s *Server) membershipRoutes(d Deps) {
 		if err != nil {
 			return ref, err
 		}
-		if role == platform.RoleOwner && orgRole(caller(ctx), orgID) != platform.RoleOwner && !caller(ctx).Superadmin {
-			return ref, platform.Errorf(platform.EFORBIDDEN, "only owners may make owners")
+		if role == platform.RoleOwner {
+			if _, err := d.Identity.CountOwners(ctx, tx, orgID); err != nil { // owner changes take turns
+				return ref, err
+			}
+			if err := ownerNow(ctx, tx, orgID, "only owners may make owners"); err != nil {
+				return ref, err
+			}
 		}
 		var perms platform.JSONList
 		if err := tx.GetContext(ctx, &perms, "SELECT permissions FROM roles WHERE id = $1", ref.ID); err != nil {
@@ -541,11 +563,13 @@ func (s *Server) membershipRoutes(d Deps) {
 		if err != nil || name != platform.RoleOwner {
 			return err
 		}
-		if orgRole(caller(ctx), m.OrgID) != platform.RoleOwner && !caller(ctx).Superadmin {
-			return platform.Errorf(platform.EFORBIDDEN, "only owners may change or remove an owner")
-		}
+		// Counting locks the organization: owner changes take turns, and
+		// the caller's role is read as the one before left it.
 		n, err := d.Identity.CountOwners(ctx, tx, m.OrgID)
 		if err != nil {
+			return err
+		}
+		if err := ownerNow(ctx, tx, m.OrgID, "only owners may change or remove an owner"); err != nil {
 			return err
 		}
 		if n <= 1 {

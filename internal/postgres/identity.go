@@ -513,6 +513,14 @@ func (s *IdentityStore) EndMembership(ctx context.Context, tx *sqlx.Tx, orgID, u
 	return prefixes, err
 }
 
+// MemberRole returns the name of userID's role in orgID, in tx
+// (ENOTFOUND: not a member).
+func (s *IdentityStore) MemberRole(ctx context.Context, tx *sqlx.Tx, orgID, userID string) (string, error) {
+	var name string
+	err := tx.GetContext(ctx, &name, `SELECT r.name FROM memberships m JOIN roles r ON r.id = m.role_id WHERE m.org_id = $1 AND m.user_id = $2`, orgID, userID)
+	return name, sqlq.MapError(err, "not a member")
+}
+
 // CountOwners returns how many owners an organization has, in tx. It
 // first locks the organization until tx ends, so that transactions that
 // change owners take turns: two owners removing each other at once would
