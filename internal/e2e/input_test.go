@@ -8,7 +8,9 @@ import (
 	"database/sql"
 	"encoding/base64"
 	"encoding/json"
+	"fmt"
 	"strings"
+	"sync"
 	"testing"
 
 	_ "github.com/lib/pq"
@@ -342,5 +344,44 @@ func TestOpenAPIDocumentsTheOrganizationHeader(t *testing.T) {
 	}
 	if _, ok := doc.Paths["/v1/agents/{id}/commands"]["post"].Responses["200"]; !ok {
 		t.Error("the dispatch's 200 (an idempotent replay) is not documented")
+	}
+}
+
+// Agents made from an environment while it is deleted: each one either
+// fails, or is detached as a change of its own (a new version, so a new
+// ETag). The foreign key cleared the reference of those made at the same
+// moment silently, and clients kept their old copies.
+func TestAgentsMadeWhileTheirEnvironmentIsDeleted(t *testing.T) {
+	t.Parallel()
+	s := NewStack(t, nil)
+	c := s.Client(s.API())
+	alice := c.NewUser("alice")
+	for round := range 8 {
+		env := secCreate(t, alice.Client, "/v1/environments", map[string]any{"name": fmt.Sprintf("e%d", round)})
+		var wg sync.WaitGroup
+		var mu sync.Mutex
+		made := map[string]float64{} // id: its version when made with the environment
+		for i := range 6 {
+			wg.Go(func() {
+				r := alice.Do("POST", "/v1/agents", map[string]any{"name": fmt.Sprintf("a%d-%d", round, i), "environment_id": env})
+				if r.Status != 201 {
+					return
+				}
+				if body := r.JSON(t); body["environment_id"] == env {
+					mu.Lock()
+					made[body["id"].(string)] = body["version"].(float64)
+					mu.Unlock()
+				}
+			})
+		}
+		wg.Go(func() { alice.Must(204, "DELETE", "/v1/environments/"+env, nil) })
+		wg.Wait()
+		for id, version := range made {
+			now := alice.Must(200, "GET", "/v1/agents/"+id, nil).JSON(t)
+			if now["environment_id"] != nil || now["version"].(float64) == version {
+				t.Fatalf("round %d: agent %s made with the environment, after its deletion: environment_id %v, version %v (made at %v)",
+					round, id, now["environment_id"], now["version"], version)
+			}
+		}
 	}
 }

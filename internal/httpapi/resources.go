@@ -135,6 +135,9 @@ func (s *Server) resourceRoutes(d Deps) *Resources {
 			return nil
 		},
 		BeforeDelete: func(ctx context.Context, tx *sqlx.Tx, t *templates.Template) error {
+			if err := lockReferences(ctx, tx, "templates", t.ID); err != nil {
+				return err
+			}
 			var n int
 			if err := tx.GetContext(ctx, &n, "SELECT count(*) FROM templates WHERE parent_id = $1", t.ID); err != nil {
 				return err
@@ -287,6 +290,9 @@ func (s *Server) resourceRoutes(d Deps) *Resources {
 			return seal(e, in.Secrets)
 		},
 		BeforeDelete: func(ctx context.Context, tx *sqlx.Tx, e *platform.Environment) error {
+			if err := lockReferences(ctx, tx, "environments", e.ID); err != nil {
+				return err
+			}
 			return detach(ctx, tx, "agents", "environment_id", e.ID)
 		},
 		BeforeUpdate: func(ctx context.Context, tx *sqlx.Tx, in *EnvironmentInput, old, e *platform.Environment) error {
@@ -550,6 +556,16 @@ func checkChain(ctx context.Context, tx *sqlx.Tx, id, parentID string) error {
 		return platform.Errorf(platform.ECONFLICT, "the chain would be %d templates deep; at most %d", depth, templates.MaxDepth)
 	}
 	return nil
+}
+
+// lockReferences locks the row id of table being deleted against new
+// references, in its transaction, and waits for those being made (their
+// foreign key checks hold the row): what follows then sees every row that
+// refers to it. (The delete's own lock lets references be made until its
+// DELETE statement, and the foreign key then cleared them silently.)
+func lockReferences(ctx context.Context, tx *sqlx.Tx, table, id string) error {
+	_, err := tx.ExecContext(ctx, "SELECT 1 FROM "+sqlq.Ident(table)+" WHERE id = $1 FOR UPDATE", id)
+	return err
 }
 
 // detach clears column in the rows of table that refer to the resource
