@@ -697,6 +697,9 @@ func (s *Server) membershipRoutes(d Deps) {
 			if r.Builtin {
 				return platform.Errorf(platform.ECONFLICT, "built-in roles cannot be deleted")
 			}
+			if err := lockReferences(ctx, tx, "roles", r.ID); err != nil { // the count sees the role given meanwhile
+				return err
+			}
 			n, err := d.Identity.RoleMembers(ctx, tx, r.ID)
 			if err != nil {
 				return err
