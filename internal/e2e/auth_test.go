@@ -273,6 +273,21 @@ func TestAuthSeedAdmin(t *testing.T) {
 	root.As(access, ada.Org).Must(200, "PATCH", adaOrg, map[string]any{"org_max_in_flight": 1000})
 	adaIn.Must(200, "PATCH", adaOrg, map[string]any{"org_max_in_flight": 500}) // lowered from what she was let have
 	secExpect(t, "an owner raises her organization's limit back", adaIn.Do("PATCH", adaOrg, map[string]any{"org_max_in_flight": 1000}), 403)
+	// A superadmin lowering the limit while the owner sets one below the
+	// old: the owner's is judged against the limit as it is when written.
+	rootIn := root.As(access, ada.Org)
+	for round := range 8 {
+		rootIn.Must(200, "PATCH", adaOrg, map[string]any{"org_max_in_flight": 500})
+		var wg sync.WaitGroup
+		var lowered, set *Response
+		wg.Go(func() { lowered = rootIn.Do("PATCH", adaOrg, map[string]any{"org_max_in_flight": 50}) })
+		wg.Go(func() { set = adaIn.Do("PATCH", adaOrg, map[string]any{"org_max_in_flight": 450}) })
+		wg.Wait()
+		final := rootIn.Must(200, "GET", adaOrg, nil).JSON(t)["org_max_in_flight"]
+		if lowered.Status == 200 && set.Status == 200 && final == 450.0 {
+			t.Fatalf("round %d: the owner's 450 overrode the superadmin's 50", round)
+		}
+	}
 
 	// Two superadmins demoting each other at the same moment: one stays.
 	bob := c.NewUser("bob")

@@ -27,7 +27,7 @@ type Identity interface {
 	OrganizationsOf(ctx context.Context, userID string) ([]platform.Organization, error)
 	Organization(ctx context.Context, id string) (*platform.Organization, error)
 	CreateOrganization(ctx context.Context, userID, name string) (*platform.Organization, error)
-	UpdateOrganization(ctx context.Context, id string, name *string, maxInFlight *int, clearMax bool, ifVersion int64) (*platform.Organization, error)
+	UpdateOrganization(ctx context.Context, id string, name *string, maxInFlight *int, clearMax bool, ifVersion int64, ceiling int) (*platform.Organization, error)
 	DeleteOrganization(ctx context.Context, id string) error
 	NewEntity(ctx context.Context, tx *sqlx.Tx, id, kind string) error
 	DeleteEntity(ctx context.Context, tx *sqlx.Tx, id string) error
@@ -406,14 +406,11 @@ func (s *Server) orgRoutes(d Deps) {
 			// organization may restrain itself (up to the platform's default,
 			// or lower than a superadmin let it have), only a superadmin lets
 			// one have more.
-			allowed := orgMaxInFlight(d)
-			if org.OrgMaxInFlight != nil {
-				allowed = max(allowed, *org.OrgMaxInFlight)
+			ceiling := orgMaxInFlight(d)
+			if p.Superadmin {
+				ceiling = -1
 			}
-			if maxInFlight != nil && allowed > 0 && *maxInFlight > allowed && !p.Superadmin {
-				return nil, platform.Errorf(platform.EFORBIDDEN, "only a superadmin may raise org_max_in_flight above %d", allowed)
-			}
-			org, err = d.Identity.UpdateOrganization(ctx, in.ID, name, maxInFlight, clearMax, ifVersion)
+			org, err = d.Identity.UpdateOrganization(ctx, in.ID, name, maxInFlight, clearMax, ifVersion, ceiling)
 			if err != nil {
 				return nil, err
 			}

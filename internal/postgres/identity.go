@@ -399,21 +399,43 @@ func (s *IdentityStore) Organization(ctx context.Context, id string) (*platform.
 	return o, sqlq.MapError(err, "organization not found")
 }
 
-// UpdateOrganization renames an organization or sets its in-flight limit;
-// a version mismatch (ifVersion > 0) is EPRECONDITION.
-func (s *IdentityStore) UpdateOrganization(ctx context.Context, id string, name *string, maxInFlight *int, clearMax bool, ifVersion int64) (*platform.Organization, error) {
+// UpdateOrganization renames an organization or sets its limit of
+// commands in flight (clearMax: back to the platform's). With ceiling 0 or
+// more, a new limit may not exceed the larger of ceiling and the limit the
+// organization has now (EFORBIDDEN): the check and the write see the same
+// row, locked, so a limit lowered meanwhile is the one judged. With
+// ifVersion, the organization must be at that version (EPRECONDITION).
+func (s *IdentityStore) UpdateOrganization(ctx context.Context, id string, name *string, maxInFlight *int, clearMax bool, ifVersion int64, ceiling int) (*platform.Organization, error) {
+	tx, err := s.DB.BeginTxx(ctx, nil)
+	if err != nil {
+		return nil, err
+	}
+	defer tx.Rollback()
+	const columns = "id, org_id, owner_id, name, org_max_in_flight, created_at, updated_at, version"
 	o := &platform.Organization{}
-	err := s.DB.GetContext(ctx, o, `UPDATE organizations SET name = COALESCE($2, name),
-		org_max_in_flight = CASE WHEN $4 THEN NULL ELSE COALESCE($3, org_max_in_flight) END,
-		updated_at = now(), version = version + 1
-		WHERE id = $1 AND ($5 = 0 OR version = $5)
-		RETURNING id, org_id, owner_id, name, org_max_in_flight, created_at, updated_at, version`, id, name, maxInFlight, clearMax, ifVersion)
-	if errors.Is(err, sql.ErrNoRows) && ifVersion > 0 {
-		if _, gerr := s.Organization(ctx, id); gerr == nil {
-			return nil, platform.Errorf(platform.EPRECONDITION, "the organization has changed; fetch it again and retry")
+	if err := tx.GetContext(ctx, o, "SELECT "+columns+" FROM organizations WHERE id = $1 FOR NO KEY UPDATE", id); err != nil {
+		return nil, sqlq.MapError(err, "organization not found")
+	}
+	if ifVersion > 0 && o.Version != ifVersion {
+		return nil, platform.Errorf(platform.EPRECONDITION, "the organization has changed; fetch it again and retry")
+	}
+	if ceiling >= 0 && maxInFlight != nil {
+		allowed := ceiling
+		if o.OrgMaxInFlight != nil {
+			allowed = max(allowed, *o.OrgMaxInFlight)
+		}
+		if allowed > 0 && *maxInFlight > allowed {
+			return nil, platform.Errorf(platform.EFORBIDDEN, "only a superadmin may raise org_max_in_flight above %d", allowed)
 		}
 	}
-	return o, sqlq.MapError(err, "organization not found")
+	err = tx.GetContext(ctx, o, `UPDATE organizations SET name = COALESCE($2, name),
+		org_max_in_flight = CASE WHEN $4 THEN NULL ELSE COALESCE($3, org_max_in_flight) END,
+		updated_at = now(), version = version + 1
+		WHERE id = $1 RETURNING `+columns, id, name, maxInFlight, clearMax)
+	if err != nil {
+		return nil, sqlq.MapError(err, "organization not found")
+	}
+	return o, tx.Commit()
 }
 
 // DeleteOrganization deletes an organization and everything in it.
