@@ -722,6 +722,19 @@ func (s *Store) Sweep(ctx context.Context, retention time.Duration) (int64, erro
 	}
 }
 
+// SetDisabled disables agent a, or enables it back as busy or idle, in tx,
+// and sets a's status, version and updated_at. A running command is
+// locked to be counted: one whose outcome is being recorded is waited
+// for, and counted only if still running (the outcome leaves a disabled
+// agent alone, so counting it would leave the agent busy with nothing
+// running).
+func (s *Store) SetDisabled(ctx context.Context, tx *sqlx.Tx, a *platform.Agent, disable bool) error {
+	return tx.QueryRowxContext(ctx, `UPDATE agents a SET status = CASE WHEN $2 THEN 'disabled'
+			WHEN EXISTS (SELECT 1 FROM commands c WHERE c.agent_id = a.id AND c.status = 'running' FOR SHARE) THEN 'busy' ELSE 'idle' END,
+			updated_at = now(), version = version + 1
+		WHERE id = $1 RETURNING status, version, updated_at`, a.ID, disable).Scan(&a.Status, &a.Version, &a.UpdatedAt)
+}
+
 // FixAgentStatuses recomputes the statuses a crash left wrong (busy with
 // nothing running, idle with a command running) and returns the agents it
 // changed.

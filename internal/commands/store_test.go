@@ -767,3 +767,54 @@ func TestOutcomeKeepsAConcurrentDisabling(t *testing.T) {
 		t.Fatalf("an agent disabled while its command ended: %s, want disabled", got)
 	}
 }
+
+// An agent enabled while its last command's outcome is being recorded is
+// idle once both are done: the enabling counted the command as running
+// from its snapshot, and the outcome leaves a disabled agent alone, so the
+// agent stayed busy with nothing running.
+func TestEnablingWaitsForAnOutcome(t *testing.T) {
+	t.Parallel()
+	f := newFixture(t, Limits{100, 100})
+	agent := f.newAgent(f.org, nil)
+	ctx := context.Background()
+	c := f.insert(f.org, agent, nil)
+	f.admit(agent)
+	f.claim(c.ID, 1)
+	f.exec(`UPDATE agents SET status = 'disabled' WHERE id = $1`, agent)
+	// The outcome holds the command's row while the enabling starts, and
+	// commits while it waits.
+	tx, err := f.db.Beginx()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer tx.Rollback()
+	if _, err := tx.Exec(`UPDATE commands SET status = 'succeeded', finished_at = now() WHERE id = $1`, c.ID); err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan error, 1)
+	a := &platform.Agent{}
+	a.ID = agent
+	go func() {
+		etx, err := f.db.Beginx()
+		if err != nil {
+			done <- err
+			return
+		}
+		defer etx.Rollback()
+		if err := f.store.SetDisabled(ctx, etx, a, false); err != nil {
+			done <- err
+			return
+		}
+		done <- etx.Commit()
+	}()
+	time.Sleep(200 * time.Millisecond) // the enabling waits on the command's row
+	if err := tx.Commit(); err != nil {
+		t.Fatal(err)
+	}
+	if err := <-done; err != nil {
+		t.Fatal(err)
+	}
+	if got := f.agentStatus(agent); got != "idle" || a.Status != "idle" {
+		t.Fatalf("an agent enabled as its last command ended: %s (answered %s), want idle", got, a.Status)
+	}
+}

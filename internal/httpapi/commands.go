@@ -207,12 +207,7 @@ func (s *Server) commandRoutes(d Deps, res *Resources) {
 			if err != nil {
 				return nil, err
 			}
-			// Disables the agent, or enables it back as busy or idle.
-			err = tx.QueryRowxContext(ctx, `UPDATE agents a SET status = CASE WHEN $2 THEN 'disabled'
-					WHEN EXISTS (SELECT 1 FROM commands c WHERE c.agent_id = a.id AND c.status = 'running') THEN 'busy' ELSE 'idle' END,
-					updated_at = now(), version = version + 1
-				WHERE id = $1 RETURNING status, version, updated_at`, a.ID, disable).Scan(&a.Status, &a.Version, &a.UpdatedAt)
-			if err != nil {
+			if err := d.Dispatcher.Store.SetDisabled(ctx, tx, a, disable); err != nil {
 				return nil, err
 			}
 			if err := tx.Commit(); err != nil {
