@@ -146,16 +146,15 @@ func (a *ACL) Grant(ctx context.Context, p *platform.Principal, s platform.Scope
 		resourceID = &ref.ID
 	}
 	e := &platform.ACLEntry{}
-	// Inserts the entry, or returns the identical one that exists.
-	err = a.DB.GetContext(ctx, e, `WITH ins AS (
-			INSERT INTO acl_entries (id, org_id, resource_type, resource_id, action, principal_id, effect, created_by)
-			VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
-			ON CONFLICT (org_id, resource_type, resource_id, action, principal_id, effect) DO NOTHING
-			RETURNING `+entryColumns+`)
-		SELECT * FROM ins UNION ALL
-		SELECT `+entryColumns+` FROM acl_entries WHERE org_id = $2 AND resource_type = $3 AND resource_id IS NOT DISTINCT FROM $4
-			AND action = $5 AND principal_id = $6 AND effect = $7 LIMIT 1`,
-		uuid.NewString(), orgID, s.Type, resourceID, g.Action, g.PrincipalID, g.Effect, p.ID)
+	// Inserts the entry, or returns the identical one that exists. An
+	// identical entry inserted at the same moment is waited for, but not
+	// seen by this statement's snapshot: the second try sees it.
+	for try := 0; try < 2; try++ {
+		err = a.grantOnce(ctx, e, orgID, s.Type, resourceID, g, p.ID)
+		if !errors.Is(err, sql.ErrNoRows) {
+			break
+		}
+	}
 	if err != nil {
 		return nil, sqlq.MapError(err, "acl entry not found")
 	}
@@ -163,6 +162,19 @@ func (a *ACL) Grant(ctx context.Context, p *platform.Principal, s platform.Scope
 		Details: platform.JSONObject{"entry_id": e.ID, "principal_id": g.PrincipalID, "principal_kind": kind, "action": g.Action, "effect": g.Effect}})
 	a.changed(ctx, orgID, s.Type, resourceID)
 	return e, nil
+}
+
+// grantOnce inserts an entry, or reads the identical one that exists.
+func (a *ACL) grantOnce(ctx context.Context, e *platform.ACLEntry, orgID, typ string, resourceID *string, g platform.ACLGrant, by string) error {
+	return a.DB.GetContext(ctx, e, `WITH ins AS (
+			INSERT INTO acl_entries (id, org_id, resource_type, resource_id, action, principal_id, effect, created_by)
+			VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+			ON CONFLICT (org_id, resource_type, resource_id, action, principal_id, effect) DO NOTHING
+			RETURNING `+entryColumns+`)
+		SELECT * FROM ins UNION ALL
+		SELECT `+entryColumns+` FROM acl_entries WHERE org_id = $2 AND resource_type = $3 AND resource_id IS NOT DISTINCT FROM $4
+			AND action = $5 AND principal_id = $6 AND effect = $7 LIMIT 1`,
+		uuid.NewString(), orgID, typ, resourceID, g.Action, g.PrincipalID, g.Effect, by)
 }
 
 // Revoke deletes entry entryID of ref's ACL (nil: of the type-wide ACL).

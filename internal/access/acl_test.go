@@ -184,3 +184,34 @@ func TestACLGrantListRevoke(t *testing.T) {
 		t.Fatalf("audit: %d grants, %d revokes, %d denied: %+v", grants, revokes, denied, audits.events)
 	}
 }
+
+func TestACLIdenticalGrantsAtOnce(t *testing.T) {
+	w := newWorld(t)
+	ctx := context.Background()
+	acl := &access.ACL{DB: w.db, Audit: &access.Audit{Store: &auditStore{}}}
+	owner := w.principal(t, who{roles: []string{"member"}}) // owns Y
+	y := w.ref("Y")
+	grant := func(p *platform.Principal, ref *platform.ResourceRef, principal, action, effect string) (*platform.ACLEntry, error) {
+		return acl.Grant(platform.WithPrincipal(ctx, p), p, agentScope, ref, platform.ACLGrant{PrincipalID: principal, Action: action, Effect: effect})
+	}
+	// The same entry granted many times at once: one entry, every grant
+	// answers it (those that waited for another's insert answered 404).
+	var wg sync.WaitGroup
+	ids := make([]string, 8)
+	for i := range ids {
+		wg.Go(func() {
+			e, err := grant(owner, y, w.id["A/ops"], "update", platform.Allow)
+			if err != nil {
+				t.Errorf("grant %d at once: %v", i, err)
+				return
+			}
+			ids[i] = e.ID
+		})
+	}
+	wg.Wait()
+	for _, id := range ids {
+		if id != ids[0] {
+			t.Fatalf("identical grants at once made different entries: %v", ids)
+		}
+	}
+}
