@@ -161,6 +161,10 @@ func (s *Store) insert(ctx context.Context, c *platform.Command, admit bool) (st
 			err = sql.ErrNoRows
 		}
 		if !errors.Is(err, sql.ErrNoRows) {
+			var pqErr *pq.Error
+			if errors.As(err, &pqErr) && pqErr.Code.Name() == "foreign_key_violation" && pqErr.Constraint == "commands_agent_id_fkey" {
+				return nil, false, platform.Errorf(platform.ENOTFOUND, "agent not found") // deleted meanwhile
+			}
 			return nil, false, sqlq.MapError(err, "command not found")
 		}
 		if c.IdempotencyKey == nil {

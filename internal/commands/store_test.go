@@ -2,6 +2,7 @@ package commands
 
 import (
 	"context"
+	"encoding/json"
 	"slices"
 	"strings"
 	"sync"
@@ -816,5 +817,27 @@ func TestEnablingWaitsForAnOutcome(t *testing.T) {
 	}
 	if got := f.agentStatus(agent); got != "idle" || a.Status != "idle" {
 		t.Fatalf("an agent enabled as its last command ended: %s (answered %s), want idle", got, a.Status)
+	}
+}
+
+// A command for an agent deleted meanwhile is "agent not found" (404), not
+// a complaint about the request (the foreign key's 400).
+func TestInsertForADeletedAgent(t *testing.T) {
+	t.Parallel()
+	f := newFixture(t, Limits{100, 100})
+	agent := f.newAgent(f.org, nil)
+	f.exec(`DELETE FROM entities WHERE id = $1`, agent)
+	for _, admit := range []bool{false, true} {
+		c := &platform.Command{
+			Base:    platform.Base{ID: uuid.NewString(), OrgID: f.org, OwnerID: f.user},
+			AgentID: agent, Task: "agent:echo", Payload: json.RawMessage(`{}`), TimeoutS: 60,
+		}
+		insert := f.store.Insert
+		if admit {
+			insert = f.store.InsertAdmitted
+		}
+		if _, _, err := insert(context.Background(), c); platform.ErrorCode(err) != platform.ENOTFOUND {
+			t.Fatalf("admit %v: a command for a deleted agent: %v (want not found)", admit, err)
+		}
 	}
 }
