@@ -69,29 +69,30 @@ type clearOutput struct {
 func (r *resource[T, In]) register() {
 	api := r.reg.API
 	one, many := r.names()
+	an := article(one)
 	item := r.Path + "/{id}"
 	typ := r.Scope.Type
 
 	if r.Ops&OpCreate != 0 {
-		op := r.operation(http.MethodPost, r.Path, "create-"+one, "Create a "+one,
-			"Creates a "+one+" owned by the caller in the caller's organization. Needs `"+typ+".create`.",
+		op := r.operation(http.MethodPost, r.Path, "create-"+one, "Create "+an+" "+one,
+			"Creates "+an+" "+one+" owned by the caller in the caller's organization. Needs `"+typ+".create`.",
 			http.StatusCreated, http.StatusForbidden, http.StatusConflict, http.StatusRequestEntityTooLarge, http.StatusUnsupportedMediaType)
 		huma.Register(api, op, r.create)
 	}
 	if r.Ops&OpRead != 0 {
-		op := r.operation(http.MethodGet, item, "get-"+one, "Get a "+one,
+		op := r.operation(http.MethodGet, item, "get-"+one, "Get "+an+" "+one,
 			"Returns the "+one+" with its ETag. A "+one+" the caller may not read answers 404.",
 			http.StatusOK, http.StatusNotFound, http.StatusNotModified)
 		huma.Register(api, op, r.get)
 	}
 	if r.Ops&OpReplace != 0 {
-		op := r.operation(http.MethodPut, item, "replace-"+one, "Replace a "+one,
+		op := r.operation(http.MethodPut, item, "replace-"+one, "Replace "+an+" "+one,
 			"Replaces every field a client may set. Needs `"+typ+".update`.",
 			http.StatusOK, http.StatusForbidden, http.StatusNotFound, http.StatusConflict, http.StatusPreconditionFailed, http.StatusRequestEntityTooLarge, http.StatusUnsupportedMediaType)
 		huma.Register(api, op, r.replace)
 	}
 	if r.Ops&OpUpdate != 0 {
-		op := r.operation(http.MethodPatch, item, "update-"+one, "Update a "+one,
+		op := r.operation(http.MethodPatch, item, "update-"+one, "Update "+an+" "+one,
 			"Applies a JSON merge patch (RFC 7396): fields present are set, `null` clears a field, absent fields are kept. Needs `"+typ+".update`.",
 			http.StatusOK, http.StatusForbidden, http.StatusNotFound, http.StatusConflict, http.StatusPreconditionFailed, http.StatusRequestEntityTooLarge, http.StatusUnsupportedMediaType)
 		patchSchema := *r.inSchema
@@ -110,7 +111,7 @@ func (r *resource[T, In]) register() {
 		huma.Register(api, op, r.update)
 	}
 	if r.Ops&OpDelete != 0 {
-		op := r.operation(http.MethodDelete, item, "delete-"+one, "Delete a "+one,
+		op := r.operation(http.MethodDelete, item, "delete-"+one, "Delete "+an+" "+one,
 			"Deletes the "+one+" and its ACL entries. Needs `"+typ+".delete`.",
 			http.StatusNoContent, http.StatusForbidden, http.StatusNotFound, http.StatusPreconditionFailed)
 		huma.Register(api, op, r.delete)
@@ -608,8 +609,9 @@ func OnlyParams(ctx huma.Context, names ...string) []error {
 // registerACL adds the ACL routes of one resource: who may do what on it.
 func (r *resource[T, In]) registerACL(item string) {
 	one, _ := r.names()
+	an := article(one)
 	who := "Only the " + one + "'s owner, organization admins and the type's ACL admins may see or change its ACL."
-	list := r.operation(http.MethodGet, item+"/acl", "list-"+one+"-acl", "List a "+one+"'s ACL", "Lists the allow and deny entries of this "+one+". "+who, http.StatusOK, http.StatusForbidden, http.StatusNotFound)
+	list := r.operation(http.MethodGet, item+"/acl", "list-"+one+"-acl", "List "+an+" "+one+"'s ACL", "Lists the allow and deny entries of this "+one+". "+who, http.StatusOK, http.StatusForbidden, http.StatusNotFound)
 	huma.Register(r.reg.API, list, func(ctx context.Context, in *aclGetInput) (*aclListOutput, error) {
 		ref, p, err := r.ref(ctx, in.ID)
 		if err != nil {
@@ -623,7 +625,7 @@ func (r *resource[T, In]) registerACL(item string) {
 		out.Body.Items = entries
 		return out, nil
 	})
-	grant := r.operation(http.MethodPost, item+"/acl", "grant-"+one+"-acl", "Grant on a "+one, "Adds an allow or deny entry for a user, role, agent or the organization, for one action or *. Deny overrides allow and ownership. "+who, http.StatusCreated, http.StatusForbidden, http.StatusNotFound)
+	grant := r.operation(http.MethodPost, item+"/acl", "grant-"+one+"-acl", "Grant on "+an+" "+one, "Adds an allow or deny entry for a user, role, agent or the organization, for one action or *. Deny overrides allow and ownership. "+who, http.StatusCreated, http.StatusForbidden, http.StatusNotFound)
 	huma.Register(r.reg.API, grant, func(ctx context.Context, in *aclGrantInput) (*aclEntryOutput, error) {
 		ref, p, err := r.ref(ctx, in.ID)
 		if err != nil {
@@ -635,7 +637,7 @@ func (r *resource[T, In]) registerACL(item string) {
 		}
 		return &aclEntryOutput{Body: e}, nil
 	})
-	revoke := r.operation(http.MethodDelete, item+"/acl/{entry_id}", "revoke-"+one+"-acl", "Revoke on a "+one, "Deletes one entry of this "+one+"'s ACL. "+who, http.StatusNoContent, http.StatusForbidden, http.StatusNotFound)
+	revoke := r.operation(http.MethodDelete, item+"/acl/{entry_id}", "revoke-"+one+"-acl", "Revoke on "+an+" "+one, "Deletes one entry of this "+one+"'s ACL. "+who, http.StatusNoContent, http.StatusForbidden, http.StatusNotFound)
 	huma.Register(r.reg.API, revoke, func(ctx context.Context, in *aclRevokeInput) (*struct{}, error) {
 		ref, p, err := r.ref(ctx, in.ID)
 		if err != nil {
@@ -692,4 +694,12 @@ func deniesAny(raw []byte) bool {
 		}
 	}
 	return false
+}
+
+// article is the indefinite article of a noun: "an agent", "a template".
+func article(noun string) string {
+	if noun != "" && strings.ContainsRune("aeiou", rune(noun[0])) {
+		return "an"
+	}
+	return "a"
 }

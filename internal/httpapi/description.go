@@ -17,7 +17,9 @@ A resource the caller may not see answers 404, never 403.
 
 **Lists.** ` + "`page`" + ` (from 1) and ` + "`page_size`" + ` (1–100, default 20); ` + "`skip_total=true`" + `
 skips counting; ` + "`cursor`" + ` (from ` + "`next_cursor`" + `) pages deep without offsets;
-` + "`sort=field`" + ` or ` + "`sort=-field`" + ` and the filters each list documents.
+` + "`sort=field`" + ` or ` + "`sort=-field`" + ` and the filters each list documents. (The
+notifications, audit, users and queue lists take only the parameters they
+document.) An operation refuses any parameter it does not document (400).
 
 **Concurrency.** Every resource has a ` + "`version`" + ` and an ` + "`ETag`" + `; send ` + "`If-Match`" + `
 on PUT, PATCH and DELETE to refuse a lost update (412). PATCH takes a JSON merge

@@ -187,8 +187,8 @@ func (s *Server) authRoutes(d Deps) {
 		})
 
 	huma.Register(s.API, s.op(http.MethodPost, "/v1/users/me/password", "change-password", "Users", "Change my password",
-		"Sets a new password after checking the current one. Every other session of the account is revoked.",
-		http.StatusNoContent, true, http.StatusForbidden),
+		"Sets a new password after checking the current one. Every other session of the account is revoked. Wrong current passwords count as failed logins (429 with Retry-After once over the limit).",
+		http.StatusNoContent, true, http.StatusForbidden, http.StatusConflict, http.StatusTooManyRequests),
 		func(ctx context.Context, in *passwordInput) (*struct{}, error) {
 			return nil, d.Accounts.ChangePassword(ctx, caller(ctx), in.Body.CurrentPassword, in.Body.NewPassword)
 		})

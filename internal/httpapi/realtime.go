@@ -166,7 +166,7 @@ func (s *Server) realtimeRoutes(d Deps, res *Resources) {
 	s.Document(&huma.Operation{
 		OperationID: "websocket", Method: http.MethodGet, Path: "/v1/ws", Tags: []string{"Realtime"},
 		Summary: "WebSocket: live events", Description: wsProtocol,
-		Parameters: []*huma.Param{{Name: "ticket", In: "query", Description: "A ticket from POST /v1/ws/ticket.", Schema: &huma.Schema{Type: "string"}}},
+		Security: []map[string][]string{{"wsTicket": {}}, {"bearer": {}}},
 		Responses: map[string]*huma.Response{
 			"101": {Description: "Switching to the WebSocket protocol."},
 			"400": {Description: "Not a WebSocket handshake (connect with a WebSocket client).", Content: map[string]*huma.MediaType{"application/problem+json": {Schema: &huma.Schema{Ref: "#/components/schemas/Problem"}}}},

@@ -2,6 +2,7 @@ package httpapi_test
 
 import (
 	"io"
+	"strings"
 	"time"
 
 	"github.com/hibiken/asynq"
@@ -71,8 +72,21 @@ func TestEveryRouteIsDocumented(t *testing.T) {
 			op, _ := o.(map[string]any)
 			responses, _ := op["responses"].(map[string]any)
 			name := method + " " + path
-			if _, ok := op["security"]; ok && responses["403"] == nil {
+			sec, declared := op["security"].([]any)
+			if !declared {
+				t.Errorf("%s declares no security: public operations declare none ([]), so that generated clients send no credentials", name)
+			}
+			if len(sec) > 0 && responses["403"] == nil {
 				t.Errorf("%s authenticates (X-Org-ID) but documents no 403", name)
+			}
+			if strings.HasPrefix(path, "/v1/") && responses["503"] == nil {
+				t.Errorf("%s documents no 503 (PostgreSQL or Redis unreachable)", name)
+			}
+			params, _ := op["parameters"].([]any)
+			for _, p := range params {
+				if m, _ := p.(map[string]any); m["name"] == "Content-Type" {
+					t.Errorf("%s declares Content-Type as a parameter", name)
+				}
 			}
 			if body, ok := op["requestBody"].(map[string]any); ok {
 				for _, status := range []string{"413", "415"} {

@@ -9,9 +9,11 @@ import (
 	"context"
 	"embed"
 	"encoding/json"
+	"fmt"
 	"io/fs"
 	"log/slog"
 	"net/http"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -119,6 +121,8 @@ func New(opts Options) *Server {
 	cfg.Components.SecuritySchemes = map[string]*huma.SecurityScheme{
 		"bearer": {Type: "http", Scheme: "bearer", BearerFormat: "JWT or API key",
 			Description: "An access token from POST /v1/auth/login, or an API key (`agk_…`)."},
+		"wsTicket": {Type: "apiKey", In: "query", Name: "ticket",
+			Description: "A single-use ticket from POST /v1/ws/ticket, for GET /v1/ws from a browser (which cannot set headers on a WebSocket)."},
 	}
 	s.API = humagin.New(engine, cfg)
 	s.API.UseMiddleware(canonicalIDs, s.authenticate, s.onlyDocumentedQuery)
@@ -344,8 +348,12 @@ func documentSpec(doc *huma.OpenAPI) ([]byte, error) {
 		"description": "The organization to act in: one of yours. Without it, your default organization (an API key acts in its own).",
 		"schema":      map[string]any{"type": "string", "format": "uuid"},
 	}
+	// Operations authenticate unless they say otherwise: the public ones
+	// declare no security ([]), so that generated clients send no
+	// credentials to them and send them everywhere else.
+	spec["security"] = []any{map[string]any{"bearer": []any{}}}
 	paths, _ := spec["paths"].(map[string]any)
-	for _, item := range paths {
+	for path, item := range paths {
 		methods, _ := item.(map[string]any)
 		for _, o := range methods {
 			op, _ := o.(map[string]any)
@@ -353,8 +361,24 @@ func documentSpec(doc *huma.OpenAPI) ([]byte, error) {
 			if responses == nil {
 				continue
 			}
+			if _, ok := op["security"]; !ok {
+				op["security"] = []any{}
+			}
 			if r, ok := responses["304"].(map[string]any); ok {
 				delete(r, "content")
+			}
+			// Content-Type is the request body's media type, not a
+			// parameter (OpenAPI ignores one; generators do not).
+			if list, ok := op["parameters"].([]any); ok {
+				op["parameters"] = slices.DeleteFunc(list, func(p any) bool {
+					m, _ := p.(map[string]any)
+					return m["in"] == "header" && strings.EqualFold(fmt.Sprint(m["name"]), "Content-Type")
+				})
+			}
+			// Anything that reads or writes data may find PostgreSQL or
+			// Redis unreachable: 503 with Retry-After, never a 500.
+			if strings.HasPrefix(path, "/v1/") {
+				addProblem(responses, "503", "Service Unavailable (retry after Retry-After seconds)")
 			}
 			if body, ok := op["requestBody"].(map[string]any); ok {
 				if content, ok := body["content"].(map[string]any); ok && len(content) > 1 {
