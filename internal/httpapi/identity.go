@@ -380,7 +380,7 @@ func (s *Server) orgRoutes(d Deps) {
 	huma.Register(s.API, s.op(http.MethodPatch, "/v1/organizations/{id}", "update-organization", "Organizations", "Update an organization",
 		"Renames the organization or sets its limit of commands in flight. Owners and admins; raising the limit above the platform's default (AGENTRY_ORG_MAX_IN_FLIGHT) takes a superadmin.", http.StatusOK, true, http.StatusForbidden, http.StatusNotFound, http.StatusPreconditionFailed),
 		func(ctx context.Context, in *orgUpdateInput) (*orgOutput, error) {
-			org, p, err := load(ctx, in.ID)
+			_, p, err := load(ctx, in.ID)
 			if err != nil {
 				return nil, err
 			}
@@ -410,7 +410,7 @@ func (s *Server) orgRoutes(d Deps) {
 			if p.Superadmin {
 				ceiling = -1
 			}
-			org, err = d.Identity.UpdateOrganization(ctx, in.ID, name, maxInFlight, clearMax, ifVersion, ceiling)
+			org, err := d.Identity.UpdateOrganization(ctx, in.ID, name, maxInFlight, clearMax, ifVersion, ceiling)
 			if err != nil {
 				return nil, err
 			}
