@@ -635,6 +635,19 @@ func (r *resource[T, In]) registerACL(item string) {
 		if err != nil {
 			return nil, err
 		}
+		// The resource may be being deleted: its deletion removes the
+		// entries it sees, not one made meanwhile, which nothing could
+		// then revoke. Waiting for the deletion tells.
+		var exists bool
+		if err := r.reg.DB.GetContext(ctx, &exists, "SELECT EXISTS (SELECT 1 FROM "+sqlq.Ident(r.Table)+" WHERE id = $1 FOR KEY SHARE)", ref.ID); err != nil {
+			return nil, sqlq.MapError(err, r.notFound())
+		}
+		if !exists {
+			if _, err := r.reg.DB.ExecContext(ctx, "DELETE FROM acl_entries WHERE id = $1", e.ID); err != nil {
+				return nil, err
+			}
+			return nil, platform.Errorf(platform.ENOTFOUND, "%s", r.notFound())
+		}
 		return &aclEntryOutput{Body: e}, nil
 	})
 	revoke := r.operation(http.MethodDelete, item+"/acl/{entry_id}", "revoke-"+one+"-acl", "Revoke on "+an+" "+one, "Deletes one entry of this "+one+"'s ACL. "+who, http.StatusNoContent, http.StatusForbidden, http.StatusNotFound)

@@ -385,3 +385,35 @@ func TestAgentsMadeWhileTheirEnvironmentIsDeleted(t *testing.T) {
 		}
 	}
 }
+
+// An ACL entry granted on a resource while it is deleted does not outlive
+// it: the deletion removed the entries it saw, and one made meanwhile
+// stayed listed, with no route left to revoke it.
+func TestGrantWhileTheResourceIsDeleted(t *testing.T) {
+	t.Parallel()
+	s := NewStack(t, nil)
+	c := s.Client(s.API())
+	alice := c.NewUser("alice")
+	for round := range 12 {
+		agent := secCreate(t, alice.Client, "/v1/agents", map[string]any{"name": fmt.Sprintf("g%d", round)})
+		var wg sync.WaitGroup
+		actions := []string{"read", "update", "delete", "command", "create"}
+		granted := make([]int, len(actions))
+		for i, action := range actions {
+			wg.Go(func() {
+				r := alice.Do("POST", "/v1/agents/"+agent+"/acl", map[string]any{"principal_id": alice.Org, "action": action, "effect": "allow"})
+				granted[i] = r.Status
+				if r.Status != 201 && r.Status != 404 {
+					t.Errorf("round %d: the grant answered %d: %s", round, r.Status, r.Body)
+				}
+			})
+		}
+		wg.Go(func() { alice.Must(204, "DELETE", "/v1/agents/"+agent, nil) })
+		wg.Wait()
+		for _, e := range alice.Must(200, "GET", "/v1/acl", nil).JSON(t)["items"].([]any) {
+			if e.(map[string]any)["resource_id"] == agent {
+				t.Fatalf("round %d: an entry of the deleted agent is left (the grants answered %v)", round, granted)
+			}
+		}
+	}
+}
