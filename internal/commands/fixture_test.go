@@ -129,6 +129,16 @@ func (f *fixture) claim(id string, attempt int) *Claimed {
 	return c
 }
 
+// running inserts a command for agent, admits it and claims its first
+// attempt.
+func (f *fixture) running(agent string) *platform.Command {
+	f.t.Helper()
+	c := f.insert(f.org, agent, nil)
+	f.admit(agent)
+	f.claim(c.ID, 1)
+	return c
+}
+
 // finish ends attempt of id with status and fails the test if refused.
 func (f *fixture) finish(id string, attempt int, o Outcome) *platform.Command {
 	f.t.Helper()

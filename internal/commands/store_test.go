@@ -736,9 +736,7 @@ func TestOutcomeKeepsAConcurrentDisabling(t *testing.T) {
 	f := newFixture(t, Limits{100, 100})
 	agent := f.newAgent(f.org, nil)
 	ctx := context.Background()
-	c := f.insert(f.org, agent, nil)
-	f.admit(agent)
-	f.claim(c.ID, 1)
+	c := f.running(agent)
 	if got := f.agentStatus(agent); got != "busy" {
 		t.Fatalf("a running agent is %s", got)
 	}
@@ -778,9 +776,7 @@ func TestEnablingWaitsForAnOutcome(t *testing.T) {
 	f := newFixture(t, Limits{100, 100})
 	agent := f.newAgent(f.org, nil)
 	ctx := context.Background()
-	c := f.insert(f.org, agent, nil)
-	f.admit(agent)
-	f.claim(c.ID, 1)
+	c := f.running(agent)
 	f.exec(`UPDATE agents SET status = 'disabled' WHERE id = $1`, agent)
 	// The outcome holds the command's row while the enabling starts, and
 	// commits while it waits.

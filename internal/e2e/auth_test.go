@@ -278,11 +278,9 @@ func TestAuthSeedAdmin(t *testing.T) {
 	rootIn := root.As(access, ada.Org)
 	for round := range 8 {
 		rootIn.Must(200, "PATCH", adaOrg, map[string]any{"org_max_in_flight": 500})
-		var wg sync.WaitGroup
-		var lowered, set *Response
-		wg.Go(func() { lowered = rootIn.Do("PATCH", adaOrg, map[string]any{"org_max_in_flight": 50}) })
-		wg.Go(func() { set = adaIn.Do("PATCH", adaOrg, map[string]any{"org_max_in_flight": 450}) })
-		wg.Wait()
+		lowered, set := atOnce(
+			func() *Response { return rootIn.Do("PATCH", adaOrg, map[string]any{"org_max_in_flight": 50}) },
+			func() *Response { return adaIn.Do("PATCH", adaOrg, map[string]any{"org_max_in_flight": 450}) })
 		final := rootIn.Must(200, "GET", adaOrg, nil).JSON(t)["org_max_in_flight"]
 		if lowered.Status == 200 && set.Status == 200 && final == 450.0 {
 			t.Fatalf("round %d: the owner's 450 overrode the superadmin's 50", round)
@@ -292,13 +290,11 @@ func TestAuthSeedAdmin(t *testing.T) {
 	// Two superadmins demoting each other at the same moment: one stays.
 	bob := c.NewUser("bob")
 	root.Must(200, "PATCH", "/v1/users/"+bob.ID, map[string]any{"is_superadmin": true})
-	var wg sync.WaitGroup
-	var byRoot, byBob *Response
-	wg.Go(func() { byRoot = root.Do("PATCH", "/v1/users/"+bob.ID, map[string]any{"is_superadmin": false}) })
-	wg.Go(func() {
-		byBob = bob.As(bob.Token, "").Do("PATCH", "/v1/users/"+me["id"].(string), map[string]any{"is_superadmin": false})
-	})
-	wg.Wait()
+	byRoot, byBob := atOnce(
+		func() *Response { return root.Do("PATCH", "/v1/users/"+bob.ID, map[string]any{"is_superadmin": false}) },
+		func() *Response {
+			return bob.As(bob.Token, "").Do("PATCH", "/v1/users/"+me["id"].(string), map[string]any{"is_superadmin": false})
+		})
 	if byRoot.Status == 200 && byBob.Status == 200 {
 		t.Fatalf("two superadmins demoted each other: the platform has none")
 	}
@@ -396,13 +392,10 @@ func TestOwnersRemovingEachOtherKeepOne(t *testing.T) {
 	for round := range 6 {
 		ada, bob := c.NewUser("ada"), c.NewUser("bob")
 		bobIn, bobMembership := secInvite(t, ada, bob, "owner")
-		items := ada.Must(200, "GET", "/v1/members?user_id="+ada.ID, nil).JSON(t)["items"].([]any)
-		adaMembership := items[0].(map[string]any)["id"].(string)
-		var wg sync.WaitGroup
-		var byAda, byBob *Response
-		wg.Go(func() { byAda = ada.Do("DELETE", "/v1/members/"+bobMembership, nil) })
-		wg.Go(func() { byBob = bobIn.Do("DELETE", "/v1/members/"+adaMembership, nil) })
-		wg.Wait()
+		adaMembership := ownMembership(t, ada)
+		byAda, byBob := atOnce(
+			func() *Response { return ada.Do("DELETE", "/v1/members/"+bobMembership, nil) },
+			func() *Response { return bobIn.Do("DELETE", "/v1/members/"+adaMembership, nil) })
 		if byAda.Status == 204 && byBob.Status == 204 {
 			t.Fatalf("round %d: both owners removed each other: the organization has no owner", round)
 		}
@@ -444,11 +437,9 @@ func TestLeavingWhileRemoved(t *testing.T) {
 	for round := range 10 {
 		ada, bob := c.NewUser("ada"), c.NewUser("bob")
 		_, membership := secInvite(t, ada, bob, "owner")
-		var wg sync.WaitGroup
-		var removed, left *Response
-		wg.Go(func() { removed = ada.Do("DELETE", "/v1/members/"+membership, nil) })
-		wg.Go(func() { left = bob.Do("POST", "/v1/organizations/"+ada.Org+"/leave", nil) })
-		wg.Wait()
+		removed, left := atOnce(
+			func() *Response { return ada.Do("DELETE", "/v1/members/"+membership, nil) },
+			func() *Response { return bob.Do("POST", "/v1/organizations/"+ada.Org+"/leave", nil) })
 		if removed.Status >= 500 || left.Status >= 500 || removed.Status/100 == 2 && left.Status/100 == 2 {
 			t.Fatalf("round %d: removed %d %s, left %d %s", round, removed.Status, removed.Body, left.Status, left.Body)
 		}
@@ -503,13 +494,14 @@ func TestOwnersDemotingEachOther(t *testing.T) {
 		ada, bob, cy := c.NewUser("ada"), c.NewUser("bob"), c.NewUser("cy")
 		bobIn, bobMembership := secInvite(t, ada, bob, "owner")
 		secInvite(t, ada, cy, "owner")
-		items := ada.Must(200, "GET", "/v1/members?user_id="+ada.ID, nil).JSON(t)["items"].([]any)
-		adaMembership := items[0].(map[string]any)["id"].(string)
-		var wg sync.WaitGroup
-		var byAda, byBob *Response
-		wg.Go(func() { byAda = ada.Do("PATCH", "/v1/members/"+bobMembership, map[string]any{"role": "admin"}) })
-		wg.Go(func() { byBob = bobIn.Do("PATCH", "/v1/members/"+adaMembership, map[string]any{"role": "admin"}) })
-		wg.Wait()
+		adaMembership := ownMembership(t, ada)
+		byAda, byBob := atOnce(
+			func() *Response {
+				return ada.Do("PATCH", "/v1/members/"+bobMembership, map[string]any{"role": "admin"})
+			},
+			func() *Response {
+				return bobIn.Do("PATCH", "/v1/members/"+adaMembership, map[string]any{"role": "admin"})
+			})
 		if byAda.Status == 200 && byBob.Status == 200 {
 			t.Fatalf("round %d: two owners demoted each other", round)
 		}
@@ -517,4 +509,21 @@ func TestOwnersDemotingEachOther(t *testing.T) {
 			t.Fatalf("round %d: %d %s / %d %s", round, byAda.Status, byAda.Body, byBob.Status, byBob.Body)
 		}
 	}
+}
+
+// atOnce sends two requests at the same moment and returns their answers.
+func atOnce(a, b func() *Response) (*Response, *Response) {
+	var ra, rb *Response
+	var wg sync.WaitGroup
+	wg.Go(func() { ra = a() })
+	wg.Go(func() { rb = b() })
+	wg.Wait()
+	return ra, rb
+}
+
+// ownMembership returns the id of u's membership of their own organization.
+func ownMembership(t *testing.T, u *User) string {
+	t.Helper()
+	items := u.Must(200, "GET", "/v1/members?user_id="+u.ID, nil).JSON(t)["items"].([]any)
+	return items[0].(map[string]any)["id"].(string)
 }

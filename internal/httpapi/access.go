@@ -179,11 +179,6 @@ type aclTypeInput struct {
 	ResourceType string `query:"resource_type" maxLength:"64" doc:"Only entries for this resource type (Agent, Template, …)."`
 }
 
-// Resolve refuses unknown query parameters, as every list does.
-func (in *aclTypeInput) Resolve(ctx huma.Context) []error {
-	return crud.OnlyParams(ctx, "resource_type")
-}
-
 type aclGrantTypeInput struct {
 	Body struct {
 		ResourceType string `json:"resource_type" minLength:"1" maxLength:"64" doc:"The resource type the entry covers entirely: Agent, Template, …"`
@@ -275,11 +270,6 @@ type auditInput struct {
 	ActorID  string    `query:"actor_id" format:"uuid" doc:"Only this actor."`
 	Since    time.Time `query:"since" doc:"Only events at or after this time (RFC 3339)."`
 	Until    time.Time `query:"until" doc:"Only events before this time (RFC 3339)."`
-}
-
-// Resolve refuses unknown query parameters, as every list does.
-func (in *auditInput) Resolve(ctx huma.Context) []error {
-	return crud.OnlyParams(ctx, "page", "page_size", "action", "outcome", "actor_id", "since", "until")
 }
 
 type auditOutput struct {

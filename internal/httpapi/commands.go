@@ -50,11 +50,6 @@ type eventsInput struct {
 	Limit int    `query:"limit" minimum:"1" maximum:"1000" default:"500"`
 }
 
-// Resolve refuses unknown query parameters, as every list does.
-func (in *eventsInput) Resolve(ctx huma.Context) []error {
-	return crud.OnlyParams(ctx, "after", "limit")
-}
-
 type eventsOutput struct {
 	Body struct {
 		Items []platform.CommandEvent `json:"items" nullable:"false"`

@@ -215,11 +215,6 @@ type listNotificationsInput struct {
 	UnreadOnly bool `query:"unread" doc:"Only unread notifications."`
 }
 
-// Resolve refuses unknown query parameters, as every list does.
-func (in *listNotificationsInput) Resolve(ctx huma.Context) []error {
-	return crud.OnlyParams(ctx, "page", "page_size", "unread")
-}
-
 type notificationsOutput struct {
 	Body struct {
 		Items    []notify.Notification `json:"items" nullable:"false"`
